@@ -1,0 +1,315 @@
+"""Evaluate a trained checkpoint on a retrieval CSV (the official test split by default).
+
+Predictions are made at the training size, mapped back through the breast crop and flip to the
+original mammogram's pixels and compared with the original ROI masks, as the literature reports;
+the training-size figures are kept too, under "training_resolution". Confidence intervals come
+from a bootstrap over patients. Test_deep_labV3+.py is the command-line entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import metrics
+import report
+from dataset import (
+    PREPROCESS_VERSION,
+    DatasetError,
+    MammogramDataset,
+    merge_masks,
+    normalize_input,
+    read_roi_masks,
+    restore_to_original,
+)
+from metrics import CLASS_NAMES
+from model import build_model
+from training import autocast_for
+from utils import CheckpointError, load_checkpoint, resolve_device
+
+FP_RATES = (0.125, 0.25, 0.5, 1, 2, 4)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a DeepLabV3+ checkpoint: Dice/IoU, lesion FROC, malignancy AUC "
+                    "with patient-bootstrap CIs; writes metrics.json, per_image.csv and plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--checkpoint", default="best.pth",
+        help="a checkpoint path, or the name of one inside --checkpoint-dir")
+    add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
+        help="folder searched for --checkpoint names; its log.csv gives the training curves")
+    add("--csv", type=Path, default=Path("csv/test.csv"), help="the split to evaluate")
+    add("--out", type=Path, default=None,
+        help="results folder (default: results/<checkpoint name>)")
+    add("--data-root", type=Path, default=None,
+        help="CBIS-DDSM download folder, if it moved since main_retrieval.py recorded it")
+    add("--cache-dir", type=Path, default=Path("cache"), help="preprocessed-image cache")
+    add("--batch-size", type=int, default=4, help="images per forward pass")
+    add("--workers", type=int, default=2, help="DataLoader workers and cache builders")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+        help="autocast precision: auto = bf16 on CUDA, none on CPU")
+    add("--iou-threshold", type=float, default=0.2,
+        help="a detected region hits an ROI when their IoU is at least this")
+    add("--malignancy-threshold", type=float, default=0.5,
+        help="operating point for image-level malignancy sensitivity/specificity")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples (over patients)")
+    add("--overlays", type=int, default=8, help="number of image|truth|prediction PNGs")
+    add("--seed", type=int, default=0, help="bootstrap seed")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def resolve_checkpoint(name: str, checkpoint_dir: Path) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    if (checkpoint_dir / name).is_file():
+        return checkpoint_dir / name
+    raise CheckpointError(f"no checkpoint {name!r} (looked in . and {checkpoint_dir}): "
+                          "pass a path or a file name inside --checkpoint-dir")
+
+
+def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The model a checkpoint describes, with its weights, in eval mode; and its config."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["config"]
+    if config.get("preprocess_version") != PREPROCESS_VERSION:
+        raise CheckpointError(
+            f"{path} was trained on preprocessing version {config.get('preprocess_version')}, "
+            f"this code makes version {PREPROCESS_VERSION}: use the matching release")
+    model = build_model(config["backbone"], config["num_classes"], config["in_channels"],
+                        config["output_stride"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit a {config['backbone']} DeepLabV3+ with "
+                              f"{config['num_classes']} classes: {error}") from error
+    return model.to(device).eval(), config
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
+                          amp: str = "auto") -> np.ndarray:
+    """Softmax probabilities (N, C, H, W) float32 on the CPU for images in [0, 1]."""
+    with autocast_for(device, amp):
+        logits = model(normalize_input(images.to(device)))
+    return logits.float().softmax(1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+@dataclass
+class Accumulator:
+    """Small per-image records; the set-level metrics are computed from them at the end."""
+
+    stats: list = field(default_factory=list)  # (C, 3) at original resolution
+    stats_low: list = field(default_factory=list)  # (C, 3) at training resolution
+    lesion: list = field(default_factory=list)  # (3,) binary abnormality map
+    confusion: np.ndarray | None = None
+    confusion_low: np.ndarray | None = None
+    detections: list = field(default_factory=list)
+    detections_centre: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+
+    def add_confusion(self, attribute: str, matrix: np.ndarray) -> None:
+        current = getattr(self, attribute)
+        setattr(self, attribute, matrix if current is None else current + matrix)
+
+
+def evaluate_image(acc: Accumulator, probs: np.ndarray, mask_low: np.ndarray, meta: dict,
+                   roi_masks: list[np.ndarray], class_ids: tuple[int, ...],
+                   iou_threshold: float) -> dict:
+    """Add one image's figures at both resolutions; returns its per-image row."""
+    num_classes = probs.shape[0]
+    pred_low = probs.argmax(0)
+    acc.stats_low.append(metrics.segmentation_stats(pred_low, mask_low, num_classes))
+    acc.add_confusion("confusion_low", metrics.confusion_matrix(pred_low, mask_low, num_classes))
+
+    restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), meta,
+                                   cv2.INTER_LINEAR)
+    restored[restored.sum(-1) == 0, 0] = 1  # outside the breast crop: background
+    pred = restored.argmax(-1)
+    truth = merge_masks(roi_masks, class_ids)
+    stats = metrics.segmentation_stats(pred, truth, num_classes)
+    acc.stats.append(stats)
+    acc.lesion.append(metrics.lesion_stats(pred, truth))
+    acc.add_confusion("confusion", metrics.confusion_matrix(pred, truth, num_classes))
+    candidates = metrics.lesion_candidates(1 - restored[..., 0], pred)
+    detections = metrics.match_candidates(candidates, roi_masks, class_ids, iou_threshold)
+    acc.detections.append(detections)
+    acc.detections_centre.append(
+        metrics.match_candidates(candidates, roi_masks, class_ids, criterion="centre"))
+    per_class = metrics.dice_iou(stats[None])["dice_pooled"]
+    return {
+        **{f"dice_{name}": per_class[c] for c, name in enumerate(CLASS_NAMES) if c},
+        "lesion_dice": metrics.pooled_dice(acc.lesion[-1][None]),
+        "malignancy_score": float(probs[2:].max()),
+        "malignant": bool(any(c in (2, 3) for c in class_ids)),
+        "n_rois": len(roi_masks),
+        "n_candidates": len(candidates),
+        "rois_found": int(np.isfinite(detections.roi_hit_scores).sum()),
+        "false_positives": int((~detections.is_tp).sum()),
+    }
+
+
+# ----------------------------------------------------------------------------- set level
+
+
+def with_ci(values, patients: np.ndarray, statistic, args) -> dict:
+    """{"value": ..., "ci95": [lo, hi]} for a statistic of per-image weights."""
+    lo, hi = metrics.bootstrap_ci(statistic, patients, args.bootstrap, args.seed)
+    return {"value": _plain(values), "ci95": [_plain(lo), _plain(hi)]}
+
+
+def _plain(x):
+    """numpy -> JSON-ready lists/floats, NaN -> None."""
+    array = np.asarray(x, dtype=float)
+    if array.ndim == 0:
+        return None if np.isnan(array) else round(float(array), 4)
+    return [_plain(v) for v in array]
+
+
+def summarise(acc: Accumulator, table: pd.DataFrame, args) -> dict:
+    """metrics.json's content: every figure with its patient-bootstrap 95% CI."""
+    patients = table["patient_id"].to_numpy()
+    stats, stats_low = np.stack(acc.stats), np.stack(acc.stats_low)
+    scores = table["malignancy_score"].to_numpy()
+    labels = table["malignant"].to_numpy()
+
+    def segmentation(all_stats: np.ndarray) -> dict:
+        result = {}
+        for key in ("dice_pooled", "iou_pooled", "dice_mean", "iou_mean"):
+            def statistic(w, key=key):
+                return metrics.dice_iou(all_stats, w)[key]
+            per_class = with_ci(metrics.dice_iou(all_stats)[key], patients, statistic, args)
+            result[key] = {name: {"value": per_class["value"][c],
+                                  "ci95": [per_class["ci95"][0][c], per_class["ci95"][1][c]]}
+                           for c, name in enumerate(CLASS_NAMES)}
+        result["n_images_with_class"] = dict(zip(
+            CLASS_NAMES, metrics.dice_iou(all_stats)["n_images_with_class"].tolist(), strict=True))
+        return result
+
+    def collection_dice(collection: str) -> dict:
+        on = (table["collection"] == collection).to_numpy()
+        lesion = np.stack(acc.lesion)
+        result = with_ci(metrics.pooled_dice(lesion, on.astype(float)), patients,
+                         lambda w: metrics.pooled_dice(lesion, w * on), args)
+        return {**result, "n_images": int(on.sum())}
+
+    def detection(detections: list) -> dict:
+        result = {}
+        for name, cls in (("all", None), *((n, c) for c, n in enumerate(CLASS_NAMES) if c)):
+            def statistic(w, cls=cls):
+                return metrics.froc(detections, FP_RATES, w, cls)["sensitivity"]
+            curve = metrics.froc(detections, FP_RATES, lesion_class=cls)
+            result[name] = {**with_ci(curve["sensitivity"], patients, statistic, args),
+                            "n_lesions": int(curve["n_lesions"])}
+        result["curve"] = {k: _plain(v) for k, v in metrics.froc(detections, FP_RATES).items()
+                           if k.startswith("curve_") and k != "curve_thresholds"}
+        return result
+
+    threshold = args.malignancy_threshold
+    sens, spec = metrics.sensitivity_specificity(scores, labels, threshold)
+    fpr, tpr, _ = metrics.roc_curve(scores, labels)
+    return {
+        "n_images": len(table), "n_patients": int(len(set(patients))),
+        "n_lesions": int(table["n_rois"].sum()), "classes": list(CLASS_NAMES),
+        "original_resolution": {
+            **segmentation(stats),
+            "confusion_matrix": acc.confusion.tolist(),
+            "mass_dice_on_mass_test_images": collection_dice("Mass-Test"),
+            "calc_dice_on_calc_test_images": collection_dice("Calc-Test"),
+            "detection": {
+                "fp_per_image": list(FP_RATES),
+                f"iou_at_least_{args.iou_threshold}": detection(acc.detections),
+                "centre_inside_roi": detection(acc.detections_centre),
+            },
+        },
+        "training_resolution": {**segmentation(stats_low),
+                                "confusion_matrix": acc.confusion_low.tolist()},
+        "malignancy": {
+            "auc": with_ci(metrics.roc_auc(scores, labels), patients,
+                           lambda w: metrics.roc_auc(scores, labels, w), args),
+            "threshold": threshold,
+            "sensitivity": with_ci(sens, patients, lambda w: metrics.sensitivity_specificity(
+                scores, labels, threshold, w)[0], args),
+            "specificity": with_ci(spec, patients, lambda w: metrics.sensitivity_specificity(
+                scores, labels, threshold, w)[1], args),
+            "n_malignant_images": int(labels.sum()), "n_other_images": int((~labels).sum()),
+            "roc_curve": {"fpr": _plain(fpr), "tpr": _plain(tpr)},
+        },
+        "bootstrap": {"resamples": args.bootstrap, "unit": "patient", "seed": args.seed,
+                      "interval": "percentile 95%"},
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
+    model, config = load_trained_model(checkpoint_path, device)
+    out = args.out or Path("results") / checkpoint_path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, tuple(config["size"]),
+                                        config["canonical_flip"], args.data_root)
+    dataset.prepare(args.workers, progress=args.progress)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    acc = Accumulator()
+    overlays = []
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="img", disable=not args.progress)
+    for images, masks, indices in loader:
+        probs = predict_probabilities(model, images, device, args.amp)
+        for image, mask, index, prob in zip(images, masks, indices.tolist(), probs, strict=True):
+            mammogram = dataset.mammograms[index]
+            meta = dataset.meta(index)
+            roi_masks, _ = read_roi_masks(mammogram, dataset.cache.data_root,
+                                          tuple(meta["original_shape"]))
+            row = evaluate_image(acc, prob, mask.numpy(), meta, roi_masks, mammogram.class_ids,
+                                 args.iou_threshold)
+            acc.rows.append({"img_path": mammogram.img_path, "patient_id": mammogram.patient_id,
+                             "collection": mammogram.collection, **row})
+            if len(overlays) < args.overlays:
+                overlays.append((Path(mammogram.img_path).parts[-4], image[0].numpy(),
+                                 mask.numpy(), prob.argmax(0)))
+            bar.update()
+    bar.close()
+    table = pd.DataFrame(acc.rows)
+    table.to_csv(out / "per_image.csv", index=False)
+    results = {"checkpoint": str(checkpoint_path), "csv": str(args.csv),
+               "model": config, **summarise(acc, table, args)}
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    report.write_plots(results, out, checkpoint_path.parent / "log.csv")
+    report.write_overlays(overlays, out / "overlays")
+    print(report.headline_table(results))
+    print(f"wrote {out}/metrics.json, per_image.csv, plots and {len(overlays)} overlays")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

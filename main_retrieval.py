@@ -1,0 +1,436 @@
+"""Turn a CBIS-DDSM download (TCIA / NBIA folder layout) into csv/{train,val,test}.csv.
+
+One pass over the tree reads DICOM headers only (no pixel decode unless a file has no
+SeriesDescription), pairs every abnormality of the four TCIA description CSVs with its full
+mammogram and ROI mask, splits the official training set by patient into train/val, and writes
+the CSVs, a sidecar JSON (data root, schema version) and a report of everything skipped.
+
+    python main_retrieval.py --data-root /data/CBIS-DDSM --out-dir csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from tqdm import tqdm
+
+SCHEMA_VERSION = 1
+CSV_COLUMNS = [
+    # The first three keep the names and meaning of the sposso CBIS-DDSM-DATASET CSVs.
+    "img_path", "roi_path", "label",
+    "class_id", "patient_id", "side", "view", "abnormality_id", "abnormality_type",
+    "pathology", "assessment", "subtlety", "breast_density", "split",
+    "collection", "crop_path",
+]  # fmt: skip
+SIDECAR_NAME = "dataset.json"
+REPORT_NAME = "retrieval_report.json"
+BUNDLED_METADATA = Path(__file__).resolve().parent / "metadata"
+DESCRIPTION_FILES = {
+    "Mass-Training": "mass_case_description_train_set.csv",
+    "Mass-Test": "mass_case_description_test_set.csv",
+    "Calc-Training": "calc_case_description_train_set.csv",
+    "Calc-Test": "calc_case_description_test_set.csv",
+}
+DESCRIPTION_COLUMNS = [
+    "patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
+    "abnormality type", "assessment", "pathology", "subtlety", "image file path",
+    "ROI mask file path",
+]  # fmt: skip
+FOLDER_RE = re.compile(
+    r"^(?P<collection>(?:Mass|Calc)-(?:Training|Test))_(?P<patient>P_\d+)"
+    r"_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:_(?P<abnormality>\d+))?$"
+)
+BENIGN = ("BENIGN", "BENIGN_WITHOUT_CALLBACK")
+CLASS_NAMES = ("background", "benign", "mass", "calc")
+HEADER_TAGS = ["SeriesDescription", "Rows", "Columns"]
+DUPLICATE = "duplicate row in the description CSVs"
+
+
+class RetrievalError(Exception):
+    """A problem the user has to fix; main() prints it on one line."""
+
+
+def class_id(abnormality_type: str, pathology: str) -> int:
+    """Contract class: 1 benign, 2 malignant mass, 3 malignant calcification."""
+    if pathology in BENIGN:
+        return 1
+    return 2 if abnormality_type == "mass" else 3
+
+
+def sposso_label(abnormality_type: str, pathology: str) -> int:
+    """The sposso CSVs' label: 1 calc malignant, 2 calc benign, 3 mass malignant, 4 mass benign."""
+    return (1 if abnormality_type == "calcification" else 3) + (pathology in BENIGN)
+
+
+# ----------------------------------------------------------------------------- description CSVs
+
+
+def find_metadata_dir(data_root: Path, metadata_dir: Path | None) -> Path:
+    """--metadata-dir if given, else the data root when it holds the four CSVs, else our copy."""
+    if metadata_dir is not None:
+        return metadata_dir
+    for candidate in (data_root, data_root.parent):
+        if all((candidate / name).is_file() for name in DESCRIPTION_FILES.values()):
+            return candidate
+    return BUNDLED_METADATA
+
+
+def load_descriptions(metadata_dir: Path) -> pd.DataFrame:
+    """The four TCIA description CSVs as one frame with normalised column names."""
+    frames = []
+    for collection, name in DESCRIPTION_FILES.items():
+        path = metadata_dir / name
+        if not path.is_file():
+            raise RetrievalError(
+                f"missing description CSV {path}: download it from TCIA's CBIS-DDSM page "
+                "or pass --metadata-dir to a folder holding all four"
+            )
+        try:
+            # Real files end rows in CRLF and hold a bare LF inside one quoted path field.
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as error:
+            raise RetrievalError(f"cannot parse {path}: {error}") from error
+        frame.columns = [c.strip() for c in frame.columns]
+        frame = frame.rename(columns={"breast density": "breast_density"})
+        missing = [c for c in DESCRIPTION_COLUMNS if c not in frame.columns]
+        if missing:
+            raise RetrievalError(
+                f"{path} is not a CBIS-DDSM description CSV (no column {missing[0]!r}): "
+                "use the files from TCIA or the ones in metadata/"
+            )
+        frame = frame.apply(lambda column: column.str.strip())
+        frame["collection"] = collection
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- the DICOM tree
+
+
+@dataclass
+class DicomInfo:
+    path: Path
+    kind: str | None  # "full", "crop", "mask" or None when the header does not say
+    rows: int
+    columns: int
+
+
+def find_series_root(data_root: Path) -> Path:
+    """The folder whose children are the CBIS-DDSM series folders (root or root/CBIS-DDSM)."""
+    if not data_root.is_dir():
+        raise RetrievalError(f"--data-root {data_root} is not a folder")
+    for candidate in (data_root, data_root / "CBIS-DDSM"):
+        if candidate.is_dir() and any(FOLDER_RE.match(e.name) for e in os.scandir(candidate)):
+            return candidate
+    raise RetrievalError(
+        f"no CBIS-DDSM folders (like Mass-Training_P_00001_LEFT_CC) in {data_root} or "
+        f"{data_root / 'CBIS-DDSM'}: point --data-root at the TCIA download"
+    )
+
+
+def scan_tree(series_root: Path) -> dict[str, list[Path]]:
+    """Every CBIS-DDSM top folder name -> the DICOM files below it, sorted."""
+    folders = {}
+    for entry in os.scandir(series_root):
+        if entry.is_dir() and FOLDER_RE.match(entry.name):
+            folders[entry.name] = sorted(Path(entry.path).rglob("*.dcm"))
+    return folders
+
+
+def kind_from_description(description: str) -> str | None:
+    text = description.lower()
+    if "mask" in text:
+        return "mask"
+    if "crop" in text:
+        return "crop"
+    if "full" in text:
+        return "full"
+    return None
+
+
+def read_info(path: Path) -> DicomInfo | None:
+    """Header facts needed for pairing, or None when the file is not readable DICOM."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        return DicomInfo(
+            path,
+            kind_from_description(str(header.get("SeriesDescription", ""))),
+            int(header.Rows),
+            int(header.Columns),
+        )
+    except Exception:  # noqa: BLE001 - pydicom raises many types for a damaged file
+        return None
+
+
+def kind_from_content(path: Path) -> str | None:
+    """A mask holds two values (0 and one foreground level); a crop holds a grey-level image."""
+    try:
+        pixels = pydicom.dcmread(path).pixel_array
+    except Exception:  # noqa: BLE001
+        return None
+    return "mask" if np.unique(pixels).size <= 2 else "crop"
+
+
+def find_roi_files(infos: list[DicomInfo]) -> tuple[DicomInfo | None, DicomInfo | None, int]:
+    """(crop, mask, files typed by content) of one abnormality folder, never by file name."""
+    by_content = 0
+    for info in infos:
+        if info.kind not in ("crop", "mask"):
+            info.kind = kind_from_content(info.path)
+            by_content += 1
+    masks = [i for i in infos if i.kind == "mask"]
+    crops = [i for i in infos if i.kind == "crop"]
+    # Two files both typed "mask" (e.g. a binary-looking crop): the mask is the larger one.
+    masks.sort(key=lambda i: i.rows * i.columns, reverse=True)
+    return (crops[0] if crops else None), (masks[0] if masks else None), by_content
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def pair_abnormalities(
+    descriptions: pd.DataFrame, folders: dict[str, list[Path]], data_root: Path
+) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
+    """One row per usable abnormality, plus the skipped ones and the size mismatches."""
+    rows, skipped, mismatched = [], [], []
+    typed_by_content = 0
+    seen = set()
+    full_cache: dict[str, DicomInfo | None] = {}
+
+    def relative(path: Path) -> str:
+        return path.relative_to(data_root).as_posix()
+
+    for fields in tqdm(descriptions.to_dict("records"), desc="pairing", unit="roi", leave=False):
+        image_folder = fields["image file path"].split("/")[0]
+        roi_folder = fields["ROI mask file path"].split("/")[0]
+        where = {"image": image_folder, "roi": roi_folder, "collection": fields["collection"]}
+        if roi_folder in seen:
+            skipped.append({**where, "reason": DUPLICATE})
+            continue
+        seen.add(roi_folder)
+        if fields["pathology"] not in ("MALIGNANT", *BENIGN):
+            skipped.append({**where, "reason": f"unknown pathology {fields['pathology']!r}"})
+            continue
+        if image_folder not in full_cache:
+            full_cache[image_folder] = find_full_image(folders.get(image_folder, []))
+        full = full_cache[image_folder]
+        if full is None:
+            skipped.append({**where, "reason": "missing or unreadable full mammogram"})
+            continue
+        if roi_folder not in folders:
+            skipped.append({**where, "reason": "missing ROI folder"})
+            continue
+        infos = [read_info(path) for path in folders[roi_folder]]
+        crop, mask, by_content = find_roi_files([i for i in infos if i is not None])
+        typed_by_content += by_content
+        if mask is None:
+            skipped.append({**where, "reason": "missing or unreadable ROI mask"})
+            continue
+        if (mask.rows, mask.columns) != (full.rows, full.columns):
+            mismatched.append({**where, "mask_size": [mask.rows, mask.columns],
+                               "image_size": [full.rows, full.columns]})
+        abnormality_type = fields["abnormality type"]
+        rows.append({
+            "image_folder": image_folder,
+            "roi_folder": roi_folder,
+            "img_path": relative(full.path),
+            "roi_path": relative(mask.path),
+            "label": sposso_label(abnormality_type, fields["pathology"]),
+            "class_id": class_id(abnormality_type, fields["pathology"]),
+            "patient_id": fields["patient_id"],
+            "side": fields["left or right breast"],
+            "view": fields["image view"],
+            "abnormality_id": int(fields["abnormality id"]),
+            "abnormality_type": abnormality_type,
+            "pathology": fields["pathology"],
+            "assessment": fields["assessment"],
+            "subtlety": fields["subtlety"],
+            "breast_density": fields["breast_density"],
+            "split": "test" if fields["collection"].endswith("Test") else "train",
+            "collection": fields["collection"],
+            "crop_path": relative(crop.path) if crop else "",
+        })  # fmt: skip
+    columns = ["image_folder", "roi_folder", *CSV_COLUMNS]
+    return pd.DataFrame(rows, columns=columns), skipped, mismatched, typed_by_content
+
+
+def find_full_image(files: list[Path]) -> DicomInfo | None:
+    infos = [info for info in map(read_info, files) if info is not None]
+    full = [i for i in infos if i.kind == "full"]
+    if full:
+        return full[0]
+    return infos[0] if len(infos) == 1 else None
+
+
+def drop_incomplete_mammograms(rows: pd.DataFrame, skipped: list[dict]) -> pd.DataFrame:
+    """Drop every mammogram with an unusable ROI: keeping it would label that lesion background."""
+    unusable = {s["image"] for s in skipped if s["reason"] != DUPLICATE}
+    incomplete = rows["image_folder"].isin(unusable)
+    for record in rows[incomplete].itertuples():
+        skipped.append({"image": record.image_folder, "roi": record.roi_folder,
+                        "collection": record.collection,
+                        "reason": "another ROI of this mammogram is unusable"})
+    return rows.loc[~incomplete, CSV_COLUMNS].reset_index(drop=True)
+
+
+def split_by_patient(rows: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
+    """Move a seeded random val_fraction of the official training patients to 'val'."""
+    train_patients = np.array(sorted(rows.loc[rows["split"] == "train", "patient_id"].unique()))
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(train_patients)))
+    val_patients = set(rng.choice(train_patients, size=n_val, replace=False)) if n_val else set()
+    rows = rows.copy()
+    rows.loc[(rows["split"] == "train") & rows["patient_id"].isin(val_patients), "split"] = "val"
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def summarise(rows: pd.DataFrame) -> dict:
+    """Counts per split: mammograms, abnormalities, per collection, pathology and class."""
+    summary = {}
+    for split in ("train", "val", "test"):
+        part = rows[rows["split"] == split]
+        summary[split] = {
+            "mammograms": int(part["img_path"].nunique()),
+            "abnormalities": len(part),
+            "patients": int(part["patient_id"].nunique()),
+            "per_collection": {k: int(v) for k, v in part["collection"].value_counts().items()},
+            "per_pathology": {k: int(v) for k, v in part["pathology"].value_counts().items()},
+            "per_class": {CLASS_NAMES[k]: int(v)
+                          for k, v in sorted(part["class_id"].value_counts().items())},
+        }  # fmt: skip
+    return summary
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise RetrievalError(
+            f"cannot write to --out-dir {out_dir} ({error.strerror}): choose a writable folder"
+        ) from error
+
+
+def retrieve(data_root: Path, metadata_dir: Path | None = None, val_fraction: float = 0.1,
+             seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """All usable abnormalities with their split, and the report. No files are written."""
+    start = time.perf_counter()
+    data_root = data_root.resolve()
+    series_root = find_series_root(data_root)
+    metadata_dir = find_metadata_dir(data_root, metadata_dir)
+    descriptions = load_descriptions(metadata_dir)
+    folders = scan_tree(series_root)
+    rows, skipped, mismatched, typed_by_content = pair_abnormalities(
+        descriptions, folders, data_root)
+    rows = drop_incomplete_mammograms(rows, skipped)
+    rows = split_by_patient(rows, val_fraction, seed)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "data_root": str(data_root),
+        "metadata_dir": str(metadata_dir.resolve()),
+        "series_folders_found": len(folders),
+        "abnormalities_described": len(descriptions),
+        "abnormalities_kept": len(rows),
+        "mammograms_kept": int(rows["img_path"].nunique()),
+        "splits": summarise(rows),
+        "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
+        "skipped": skipped,
+        "mask_size_mismatch": mismatched,
+        "files_typed_by_content": typed_by_content,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return rows, report
+
+
+def write_outputs(rows: pd.DataFrame, report: dict, out_dir: Path) -> None:
+    check_writable(out_dir)
+    for split in ("train", "val", "test"):
+        part = rows[rows["split"] == split]
+        atomic_write_text(out_dir / f"{split}.csv", part.to_csv(index=False))
+    sidecar = {key: report[key] for key in ("schema_version", "data_root", "metadata_dir")}
+    sidecar["columns"] = CSV_COLUMNS
+    atomic_write_text(out_dir / SIDECAR_NAME, json.dumps(sidecar, indent=2))
+    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2))
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'split':<6} {'images':>7} {'ROIs':>6} {'patients':>8}  "
+             f"{'benign':>6} {'mass':>5} {'calc':>5}"]
+    for split, counts in report["splits"].items():
+        per_class = counts["per_class"]
+        lines.append(
+            f"{split:<6} {counts['mammograms']:>7} {counts['abnormalities']:>6} "
+            f"{counts['patients']:>8}  {per_class.get('benign', 0):>6} "
+            f"{per_class.get('mass', 0):>5} {per_class.get('calc', 0):>5}"
+        )
+    lines.append(f"kept {report['abnormalities_kept']} of {report['abnormalities_described']} "
+                 f"described abnormalities on {report['mammograms_kept']} mammograms "
+                 f"in {report['seconds']} s")
+    for reason, count in report["skipped_by_reason"].items():
+        lines.append(f"skipped {count}: {reason}")
+    for item in report["mask_size_mismatch"]:
+        lines.append(f"mask size differs (resized at training time): {item['roi']} "
+                     f"{item['mask_size']} vs image {item['image_size']}")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, required=True,
+                        help="the download folder: holds CBIS-DDSM/ or the series folders")
+    parser.add_argument("--metadata-dir", type=Path, default=None,
+                        help="folder with the four TCIA description CSVs (default: the data root "
+                             "if it has them, else the copies in metadata/)")
+    parser.add_argument("--out-dir", type=Path, default=Path("csv"),
+                        help="where train/val/test.csv, dataset.json and the report go "
+                             "(default: csv)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="fraction of training patients held out for validation (default: 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        print("error: --val-fraction must be in [0, 1)", file=sys.stderr)
+        return 2
+    try:
+        check_writable(args.out_dir)
+        rows, report = retrieve(args.data_root, args.metadata_dir, args.val_fraction, args.seed)
+        write_outputs(rows, report, args.out_dir)
+    except RetrievalError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(f"wrote {args.out_dir}/{{train,val,test}}.csv and {args.out_dir / REPORT_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""DeepLabV3+ on a torchvision ResNet, for 4-class mammogram segmentation.
+
+ResNet encoder (dilated to output stride 16 or 8) -> torchvision's ASPP -> V3+ decoder that fuses
+the stride-4 layer1 features; 1-channel input by default, optional local/ImageNet ResNet weights.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+SUPPORTED_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Layers to dilate (instead of stride) and ASPP rates for each output stride.
+_DILATIONS = {16: {"layer4": 2}, 8: {"layer3": 2, "layer4": 4}}
+_ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+
+def _dilate(layer: nn.Module, dilation: int) -> None:
+    # torchvision's replace_stride_with_dilation is not implemented for BasicBlock (resnet18/34),
+    # so every backbone uses this: strided convs (3x3 and downsample 1x1) get stride 1, and
+    # every 3x3 conv gets the dilation with padding = dilation, which keeps the spatial size.
+    for conv in layer.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.stride = (1, 1)
+            if conv.kernel_size == (3, 3):
+                conv.dilation = (dilation, dilation)
+                conv.padding = (dilation, dilation)
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet trunk without avgpool/fc; returns (layer1 features, layer4 features)."""
+
+    def __init__(self, resnet: models.ResNet, in_channels: int) -> None:
+        super().__init__()
+        # Same init as torchvision gives the convs it builds.
+        conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.stem = nn.Sequential(
+            OrderedDict(conv1=conv1, bn1=resnet.bn1, relu=resnet.relu, maxpool=resnet.maxpool)
+        )
+        self.layer1, self.layer2 = resnet.layer1, resnet.layer2
+        self.layer3, self.layer4 = resnet.layer3, resnet.layer4
+        self.out_channels = resnet.fc.in_features
+        self.low_level_channels = self.out_channels // 8  # layer1 width in every ResNet
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low = self.layer1(self.stem(x))
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _upsample(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return nn.functional.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class Decoder(nn.Module):
+    """V3+ decoder: project low-level features to 48 ch, concat upsampled ASPP output, refine."""
+
+    def __init__(self, low_level_channels: int, aspp_channels: int = 256) -> None:
+        super().__init__()
+        self.low_level = _conv_bn_relu(low_level_channels, 48, 1)
+        self.fuse = nn.Sequential(
+            _conv_bn_relu(aspp_channels + 48, 256, 3), _conv_bn_relu(256, 256, 3)
+        )
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        low = self.low_level(low)
+        high = _upsample(high, low)
+        return self.fuse(torch.cat([high, low], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """ResNet encoder -> ASPP -> V3+ decoder -> 1x1 classifier, logits at the input size."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 4,
+        in_channels: int = 1,
+        output_stride: int = 16,
+    ) -> None:
+        super().__init__()
+        if backbone not in SUPPORTED_BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {SUPPORTED_BACKBONES}")
+        if output_stride not in _DILATIONS:
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        resnet = models.get_model(backbone, weights=None)
+        for name, dilation in _DILATIONS[output_stride].items():
+            _dilate(getattr(resnet, name), dilation)
+        self.backbone = ResNetEncoder(resnet, in_channels)
+        self.aspp = ASPP(self.backbone.out_channels, _ASPP_RATES[output_stride], out_channels=256)
+        self.decoder = Decoder(self.backbone.low_level_channels)
+        self.classifier = nn.Conv2d(256, num_classes, kernel_size=1)
+        self.config = dict(
+            backbone=backbone,
+            num_classes=int(num_classes),
+            in_channels=int(in_channels),
+            output_stride=int(output_stride),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.backbone(x)
+        logits = self.classifier(self.decoder(low, self.aspp(high)))
+        return _upsample(logits, x)
+
+
+def _resnet_state_dict(pretrained: str, backbone: str) -> dict[str, torch.Tensor]:
+    if Path(pretrained).is_file():
+        return torch.load(pretrained, map_location="cpu", weights_only=True)
+    weights = models.get_model_weights(backbone)
+    if pretrained not in weights.__members__:
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither an existing file nor a {backbone} weights "
+            f"name ({', '.join(weights.__members__)})"
+        )
+    try:
+        return weights[pretrained].get_state_dict(progress=True)
+    except OSError as err:  # URLError and socket errors: no network
+        raise RuntimeError(
+            f"could not download {backbone} weights {pretrained!r} (offline?): {err}. Save a "
+            f"torchvision {backbone} state dict on a machine with network, e.g. "
+            f"torch.save(torchvision.models.{backbone}(weights='{pretrained}').state_dict(), "
+            f"'{backbone}.pth'), and pass pretrained='{backbone}.pth'"
+        ) from err
+
+
+def _load_encoder_weights(encoder: ResNetEncoder, pretrained: str, backbone: str) -> None:
+    state = _resnet_state_dict(pretrained, backbone)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    conv1 = state.get("conv1.weight")
+    in_channels = encoder.stem.conv1.in_channels
+    if conv1 is not None and conv1.shape[1] == 3 and in_channels != 3:
+        # Summing the RGB filters gives a gray image the response of the same image in RGB.
+        if in_channels == 1:
+            state["conv1.weight"] = conv1.sum(1, keepdim=True)
+        else:
+            state["conv1.weight"] = conv1.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
+    state = {("stem." + k if k.startswith(("conv1.", "bn1.")) else k): v for k, v in state.items()}
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{pretrained!r} does not hold a torchvision {backbone} state dict: {err}"
+        ) from err
+
+
+def build_model(
+    backbone: str = "resnet50",
+    num_classes: int = 4,
+    in_channels: int = 1,
+    output_stride: int = 16,
+    pretrained: str | None = None,
+) -> DeepLabV3Plus:
+    """DeepLabV3+; `pretrained` is None, a local ResNet state dict file or a weights name."""
+    model = DeepLabV3Plus(backbone, num_classes, in_channels, output_stride)
+    if pretrained is not None:
+        _load_encoder_weights(model.backbone, str(pretrained), backbone)
+    return model

@@ -1,0 +1,136 @@
+"""What a reader looks at: the headline table, plots (FROC, ROC, confusion, training curves) and
+image | truth | prediction overlays. Pure presentation over evaluation.py's metrics dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import matplotlib
+import numpy as np
+import pandas as pd
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# One colour per class (RGB): background, benign green, malignant mass red, malignant calc yellow.
+CLASS_COLOURS = np.array([[0, 0, 0], [40, 200, 60], [230, 40, 40], [250, 210, 30]], np.uint8)
+
+
+def _value(entry: dict) -> str:
+    value, (lo, hi) = entry["value"], entry["ci95"]
+    if value is None:
+        return "n/a"
+    bounds = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
+    return f"{value:.3f}{bounds}"
+
+
+def headline_table(results: dict) -> str:
+    """The numbers a reader compares, each with its patient-bootstrap 95% CI, on one screen."""
+    original = results["original_resolution"]
+    detection = next(v for k, v in original["detection"].items() if k.startswith("iou"))
+    rates = original["detection"]["fp_per_image"]
+    lines = [f"{results['n_images']} images, {results['n_lesions']} lesions, "
+             f"{results['n_patients']} patients ({results['csv']})",
+             f"{'metric (original resolution)':<40} value [95% CI]"]
+    for name in results["classes"][1:]:
+        lines.append(f"{'Dice ' + name + ' (pooled)':<40} "
+                     f"{_value(original['dice_pooled'][name])}")
+    lines.append(f"{'Dice mass, Mass-Test images':<40} "
+                 f"{_value(original['mass_dice_on_mass_test_images'])}")
+    lines.append(f"{'Dice calc, Calc-Test images':<40} "
+                 f"{_value(original['calc_dice_on_calc_test_images'])}")
+    for rate in (0.5, 1, 2):
+        i = rates.index(rate)
+        entry = {"value": detection["all"]["value"][i],
+                 "ci95": [detection["all"]["ci95"][0][i], detection["all"]["ci95"][1][i]]}
+        lines.append(f"{f'lesion sensitivity at {rate} FP/image':<40} {_value(entry)}")
+    lines.append(f"{'malignancy AUC (image level)':<40} {_value(results['malignancy']['auc'])}")
+    width = max(len(line) for line in lines)
+    return "\n".join(["=" * width, *lines, "=" * width])
+
+
+def write_plots(results: dict, out: Path, log_path: Path) -> list[Path]:
+    """froc.png, roc.png, confusion_matrix.png and, if log.csv exists, training_curves.png."""
+    written = []
+    detection = results["original_resolution"]["detection"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, key in (("IoU criterion", next(k for k in detection if k.startswith("iou"))),
+                       ("centre criterion", "centre_inside_roi")):
+        curve = detection[key]["curve"]
+        ax.step(curve["curve_fppi"], curve["curve_sensitivity"], where="post", label=label)
+    ax.set(xscale="log", xlim=(0.1, 8), ylim=(0, 1.02), xlabel="false positives per image",
+           ylabel="lesion sensitivity", title="FROC")
+    ax.legend(loc="lower right")
+    written.append(_save(fig, out / "froc.png"))
+
+    roc = results["malignancy"]["roc_curve"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    auc = results["malignancy"]["auc"]["value"]
+    ax.plot(roc["fpr"], roc["tpr"], label=f"AUC {auc:.3f}" if auc is not None else "AUC n/a")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Image-level malignancy ROC")
+    ax.legend(loc="lower right")
+    written.append(_save(fig, out / "roc.png"))
+
+    matrix = np.array(results["original_resolution"]["confusion_matrix"], dtype=float)
+    normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    names = results["classes"]
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names,
+           yticklabels=names, xlabel="prediction", ylabel="truth",
+           title="Pixel confusion (row-normalised)")
+    for (i, j), value in np.ndenumerate(normalised):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center",
+                color="white" if value > 0.5 else "black")
+    fig.colorbar(image, ax=ax)
+    written.append(_save(fig, out / "confusion_matrix.png"))
+
+    if log_path.exists():
+        log = pd.read_csv(log_path)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        left.plot(log["epoch"], log["train_loss"], label="train")
+        left.plot(log["epoch"], log["val_loss"], label="validation")
+        left.set(xlabel="epoch", ylabel="loss", title="Loss")
+        left.legend()
+        for column in [c for c in log.columns if c.startswith("dice_")] + ["mean_fg_dice"]:
+            right.plot(log["epoch"], log[column], label=column.replace("_", " "))
+        right.set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1), title="Validation Dice")
+        right.legend()
+        written.append(_save(fig, out / "training_curves.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def colourise(mask: np.ndarray) -> np.ndarray:
+    return CLASS_COLOURS[mask]
+
+
+def overlay_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """image | truth | prediction side by side (RGB uint8), masks blended over the image."""
+    grey = np.repeat((np.clip(image, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+    def blend(mask: np.ndarray) -> np.ndarray:
+        blended = grey.copy()
+        lesion = mask > 0
+        blended[lesion] = (0.45 * grey[lesion] + 0.55 * colourise(mask)[lesion]).astype(np.uint8)
+        return blended
+
+    gap = np.full((grey.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([grey, gap, blend(truth), gap, blend(prediction)], axis=1)
+
+
+def write_overlays(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+                   folder: Path) -> None:
+    """One PNG per (name, image, truth, prediction)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image, truth, prediction in items:
+        panel = overlay_panel(image, truth, prediction)
+        cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))

@@ -1,0 +1,505 @@
+"""Write a small CBIS-DDSM-shaped DICOM tree whose lesions a segmentation model learns quickly.
+
+Folder layout, DICOM headers and the four description CSVs follow the real TCIA download,
+quirks included (see DESIGN.md), so the retrieval step and everything after it run unchanged.
+Lesions are drawn in a chest-wall-on-the-left frame and the image is mirrored for RIGHT breasts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from tqdm import tqdm
+
+MAMMOGRAPHY_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray, For Presentation
+SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+MAX_VALUE = 60000  # brightest pixel: real scans stay below the 16-bit ceiling
+OLD_UID_ROOT = "1.3.6.1.4.1.9590.100.1.2."  # the UID layout of the description CSVs' paths
+
+_HEADER = (  # exactly the published files' header rows, which differ in these three places
+    "patient_id,{density},left or right breast,image view,abnormality id,abnormality type,"
+    "{first},{second},assessment,pathology,subtlety,image file path,cropped image file path,"
+    "ROI mask file path"
+)
+CSV_HEADERS = {
+    "Mass": _HEADER.format(density="breast_density", first="mass shape", second="mass margins"),
+    "Calc": _HEADER.format(density="breast density", first="calc type", second="calc distribution"),
+}
+_DESCRIPTORS = {  # (collection, malignant) -> choices for the two descriptor columns
+    ("Mass", True): (["IRREGULAR", "IRREGULAR", "LOBULATED"], ["SPICULATED", "ILL_DEFINED"]),
+    ("Mass", False): (["OVAL", "ROUND", "LOBULATED"], ["CIRCUMSCRIBED", "OBSCURED"]),
+    ("Calc", True): (["PLEOMORPHIC", "FINE_LINEAR_BRANCHING"], ["CLUSTERED", "SEGMENTAL"]),
+    ("Calc", False): (["LARGE_RODLIKE", "ROUND_AND_REGULAR"], ["DIFFUSELY_SCATTERED", "REGIONAL"]),
+}
+_ASSESSMENT = {
+    "MALIGNANT": [3, 4, 4, 5, 5],
+    "BENIGN": [2, 3, 4, 4],
+    "BENIGN_WITHOUT_CALLBACK": [2, 2, 3],
+}
+_PATHOLOGY = (["MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"], [0.45, 0.40, 0.15])
+_VIEWS = [(side, view) for side in ("LEFT", "RIGHT") for view in ("CC", "MLO")]
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    patient_id: str,
+    series_description: str | None,
+    laterality: str = "L",
+    view: str = "CC",
+    sop_class_uid: str = SECONDARY_CAPTURE_SOP_CLASS,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    study_date: str = "20170829",
+    instance_number: int = 1,
+) -> None:
+    """Write a 2-D uint16 (16-bit) or uint8 (8-bit) image as a CBIS-DDSM-like DICOM file.
+
+    Missing UIDs are random (uuid4-based, cheap); pass them for reproducible files.
+    A series_description of None leaves the tag out, like the real defective masks.
+    """
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"need a 2-D uint8 or uint16 array, got {pixels.dtype} {pixels.shape}")
+    bits = pixels.dtype.itemsize * 8
+    sop_uid = sop_uid or generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyDate, ds.Modality = study_date, "MG"
+    ds.PatientID = patient_id
+    ds.BodyPartExamined, ds.ViewPosition = "BREAST", view
+    ds.Laterality = ds.ImageLaterality = laterality
+    if series_description is not None:
+        ds.SeriesDescription = series_description
+    ds.SeriesNumber, ds.InstanceNumber = 1, instance_number
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.astype(f"<u{bits // 8}", copy=False).tobytes()
+    ds["PixelData"].VR = "OW" if bits == 16 else "OB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@dataclass
+class Abnormality:
+    n: int  # 1-based abnormality id
+    pathology: str
+    assessment: int
+    subtlety: int
+    descriptors: tuple[str, str]  # mass shape/margins or calc type/distribution
+    one_series: bool  # older download layout: crop and mask in one series folder
+    mask_first: bool  # in that layout, the mask is 1-1.dcm
+    quirk: bool  # mask without SeriesDescription and a PatientID like P_00562_LEFT_CC_2.dcm
+    old_uids: str  # "<uid>/<uid>" of the description CSVs' path
+    crop_is_first: bool  # the CSV names the crop 000000.dcm (else 000001.dcm)
+    defect: str | None = None  # "mask_size_mismatch" or "missing_roi"
+
+
+@dataclass
+class Mammogram:
+    collection: str  # Mass or Calc
+    split: str  # Training or Test
+    patient: str  # P_00038
+    side: str
+    view: str
+    density: int
+    date: str  # MM-DD-YYYY
+    old_uids: str
+    abnormalities: list[Abnormality]
+
+    @property
+    def folder(self) -> str:
+        return f"{self.collection}-{self.split}_{self.patient}_{self.side}_{self.view}"
+
+
+def _old_uid(rng: np.random.Generator) -> str:
+    return f"{OLD_UID_ROOT}{rng.integers(10**17, 10**18)}{rng.integers(0, 10**18):018d}"
+
+
+def _plan_abnormality(n: int, collection: str, rng: np.random.Generator) -> Abnormality:
+    pathology = str(rng.choice(_PATHOLOGY[0], p=_PATHOLOGY[1]))
+    first, second = _DESCRIPTORS[collection, pathology == "MALIGNANT"]
+    return Abnormality(
+        n=n,
+        pathology=pathology,
+        assessment=int(rng.choice(_ASSESSMENT[pathology])),
+        subtlety=int(rng.integers(1, 6)),
+        descriptors=(str(rng.choice(first)), str(rng.choice(second))),
+        one_series=bool(rng.random() < 0.5),
+        mask_first=bool(rng.random() < 0.5),
+        quirk=bool(rng.random() < 1 / 8),
+        old_uids=f"{_old_uid(rng)}/{_old_uid(rng)}",
+        crop_is_first=bool(rng.random() < 0.5),
+    )
+
+
+def _plan(patients: int, defects: bool, rng: np.random.Generator) -> list[Mammogram]:
+    """Draw every random choice that is not pixels: patients, splits, views, clinical columns."""
+    ids = np.sort(rng.choice(np.arange(1, 2100), size=patients, replace=False))
+    test = set(rng.choice(ids, size=round(0.25 * patients), replace=False).tolist())
+    plan = []
+    for pid in ids.tolist():
+        density = int(rng.integers(1, 5))
+        views = rng.choice(4, size=rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]), replace=False)
+        for k in sorted(views):
+            collection = str(rng.choice(["Mass", "Calc"]))
+            count = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
+            abns = [_plan_abnormality(n, collection, rng) for n in range(1, count + 1)]
+            date = f"{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}-{rng.choice([2016, 2017])}"
+            split = "Test" if pid in test else "Training"
+            side, view = _VIEWS[k]
+            uids = f"{_old_uid(rng)}/{_old_uid(rng)}"
+            plan.append(
+                Mammogram(collection, split, f"P_{pid:05d}", side, view, density, date, uids, abns)
+            )
+    # The defects go on single-lesion training mammograms so the test split stays clean.
+    singles = [m for m in plan if m.split == "Training" and len(m.abnormalities) == 1]
+    chosen = rng.choice(len(singles), size=min(2, len(singles)), replace=False) if defects else []
+    for index, defect in zip(chosen, ["mask_size_mismatch", "missing_roi"], strict=False):
+        singles[index].abnormalities[0].defect = defect
+    return plan
+
+
+def _smooth_noise(h: int, w: int, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """Low-pass noise with about `cells` blobs across the width, the same look at any size."""
+    coarse = rng.standard_normal((max(2, cells * h // w), cells)).astype(np.float32)
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _breast(
+    h: int, w: int, ellipse: tuple[float, float, float], density: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Half-ellipse breast on the left edge with fibroglandular texture, dark background."""
+    a, b, cy = ellipse
+    xs = np.arange(w, dtype=np.float32) / a
+    ys = (np.arange(h, dtype=np.float32) - cy) / b
+    inner = np.clip(1 - np.sqrt(xs[None, :] ** 2 + ys[:, None] ** 2), 0, 1)
+    skin = np.minimum(inner / 0.08, 1)  # the compressed breast thins towards the skin line
+    texture = 0.6 * _smooth_noise(h, w, 6, rng) + 0.4 * _smooth_noise(h, w, 20, rng)
+    grain = rng.standard_normal((h, w), dtype=np.float32)
+    tissue = 0.36 + 0.14 * inner + (0.02 + 0.01 * density + 0.04 * inner) * texture + 0.012 * grain
+    return MAX_VALUE * (skin * tissue + (1 - skin) * 0.005 * np.abs(grain))
+
+
+def _mass(r: float, malignant: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Benign: smooth oval, soft edge. Malignant: lobulated star with spicules, bright core."""
+    spikes = rng.uniform(0.3, 0.6, rng.integers(7, 14)) * r if malignant else np.zeros(0)
+    half = int(1.2 * (r + spikes.max(initial=0.3 * r))) + 2  # room for lobes and the soft edge
+    dy, dx = np.ogrid[-half : half + 1, -half : half + 1]
+    turn = rng.uniform(0, np.pi)
+    u, v = dx * np.cos(turn) + dy * np.sin(turn), dy * np.cos(turn) - dx * np.sin(turn)
+    rho = np.hypot(u, v / (rng.uniform(0.8, 1.0) if malignant else rng.uniform(0.6, 0.95)))
+    phi = np.arctan2(v, u)
+    edge = np.full_like(rho, r)
+    if malignant:
+        for k in range(2, 7):
+            edge += r * rng.uniform(0, 0.05) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
+        for length in spikes:
+            off = np.abs((phi - rng.uniform(-np.pi, np.pi) + np.pi) % (2 * np.pi) - np.pi)
+            edge = np.maximum(edge, r + length * (1 - off / rng.uniform(0.05, 0.1)))
+    q = rho / edge
+    body = 1 / (1 + np.exp((q - 1) / (0.04 if malignant else 0.08)))
+    core = np.exp(-((rho / (0.5 * r)) ** 2))
+    gain = (0.26 + 0.14 * core) if malignant else (0.22 + 0.03 * core)
+    return MAX_VALUE * body * gain, q <= 1
+
+
+def _calcs(
+    region: float, malignant: bool, scale: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Malignant: 20-60 fine specks, compact. Benign: 6-15 coarse dots, spread. Mask: their hull."""
+    n = int(rng.integers(20, 61) if malignant else rng.integers(6, 16))
+    # Fine specks still >= ~2 px wide after the ~2.5x downsample to training resolution.
+    radii = rng.uniform(*((2.0, 3.0) if malignant else (3.0, 6.0)), n) * scale
+    angle, dist = rng.uniform(0, 2 * np.pi, n), region * np.sqrt(rng.uniform(0, 1, n))
+    xs, ys = dist * np.cos(angle), dist * np.sin(angle)
+    grow = radii.max() + 4 * scale
+    half = int(np.ceil(region + grow + radii.max())) + 2
+    hull = np.zeros((2 * half + 1, 2 * half + 1), np.uint8)
+    points = np.round(np.stack([xs, ys], axis=1) + half).astype(np.int32)
+    cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * round(grow) + 1,) * 2)
+    hull = cv2.dilate(hull, kernel)
+    # A faint haze over the cluster region makes the mask's extent learnable, not just the specks.
+    haze = cv2.GaussianBlur(hull.astype(np.float32), (0, 0), grow) * 0.06
+    dy, dx = np.ogrid[-half : half + 1, -half : half + 1]
+    specks = np.zeros_like(haze)
+    for x, y, s, gain in zip(xs, ys, radii, rng.uniform(0.4, 0.5, n), strict=True):
+        specks = np.maximum(specks, gain * np.clip(s + 0.5 - np.hypot(dx - x, dy - y), 0, 1))
+    return MAX_VALUE * (haze + specks), hull.astype(bool)
+
+
+def _place(
+    half: int,
+    ellipse: tuple[float, float, float],
+    placed: list[tuple[int, int, int]],
+    rng: np.random.Generator,
+) -> tuple[int, int]:
+    """A lesion centre whose patch lies inside the breast, clear of the skin fade and of others."""
+    a, b, cy = ellipse
+    margin = half + 0.08 * a
+    for attempt in range(2000):
+        y, x = round(rng.uniform(cy - b, cy + b)), round(rng.uniform(0, a))
+        inside = x > margin and (x / (a - margin)) ** 2 + ((y - cy) / (b - margin)) ** 2 < 1
+        apart = attempt > 1500 or all(
+            np.hypot(y - py, x - px) > 0.75 * (half + ph) for py, px, ph in placed
+        )
+        if inside and apart:
+            placed.append((y, x, half))
+            return y, x
+    raise RuntimeError("no room for a lesion in the breast: is the image much wider than tall?")
+
+
+def _film_label(img: np.ndarray, rng: np.random.Generator) -> None:
+    """Bright label with dark 'text' blocks in a far corner, clear of the breast by construction."""
+    h, w = img.shape
+    lh, lw = int(h * rng.uniform(0.04, 0.06)), int(w * rng.uniform(0.12, 0.18))
+    y0, x0 = int(0.03 * h) if rng.random() < 0.5 else int(0.97 * h) - lh, int(0.96 * w) - lw
+    img[y0 : y0 + lh, x0 : x0 + lw] = 0.85 * MAX_VALUE
+    for _ in range(int(rng.integers(3, 7))):
+        by, bx = y0 + int(rng.uniform(0.15, 0.6) * lh), x0 + int(rng.uniform(0.05, 0.8) * lw)
+        img[by : by + max(1, lh // 4), bx : bx + max(1, lw // 8)] = 0.25 * MAX_VALUE
+
+
+def _render(m: Mammogram, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """The uint16 mammogram and one uint8 0/255 mask per abnormality, mirrored for RIGHT."""
+    ellipse = (w * rng.uniform(0.6, 0.78), h * rng.uniform(0.42, 0.47), h * rng.uniform(0.47, 0.53))
+    img = _breast(h, w, ellipse, m.density, rng)
+    masks, placed = [], []
+    for abn in m.abnormalities:
+        malignant = abn.pathology == "MALIGNANT"
+        if m.collection == "Mass":
+            add, inside = _mass(w * rng.uniform(0.05, 0.09), malignant, rng)
+        else:
+            region = w * (rng.uniform(0.06, 0.08) if malignant else rng.uniform(0.10, 0.12))
+            add, inside = _calcs(region, malignant, w / 400, rng)
+        half = add.shape[0] // 2
+        y, x = _place(half, ellipse, placed, rng)
+        box = np.s_[y - half : y + half + 1, x - half : x + half + 1]
+        img[box] += add
+        mask = np.zeros((h, w), np.uint8)
+        mask[box][inside] = 255
+        masks.append(mask)
+    _film_label(img, rng)
+    img = np.clip(img, 0, MAX_VALUE).astype(np.uint16)
+    if m.side == "RIGHT":
+        img, masks = img[:, ::-1], [mask[:, ::-1] for mask in masks]
+    return np.ascontiguousarray(img), [np.ascontiguousarray(mask) for mask in masks]
+
+
+def _write_abnormality(
+    root: Path,
+    m: Mammogram,
+    abn: Abnormality,
+    image: np.ndarray,
+    mask: np.ndarray,
+    uid: Callable[[], str],
+    rng: np.random.Generator,
+) -> None:
+    x, y, bw, bh = cv2.boundingRect(mask)
+    crop = image[y : y + bh, x : x + bw]
+    if abn.defect == "mask_size_mismatch":  # like Mass-Test_P_00145_LEFT_CC: mask ~87% size
+        size = (round(0.87 * mask.shape[1]), round(0.87 * mask.shape[0]))
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    study = root / f"{m.folder}_{abn.n}" / f"{m.date}-DDSM-{rng.integers(100000):05d}"
+    mask_dir = study / f"1.000000-ROI mask images-{rng.integers(100000):05d}"
+    if abn.one_series:
+        first, second = mask_dir / "1-1.dcm", mask_dir / "1-2.dcm"
+        mask_path, crop_path = (first, second) if abn.mask_first else (second, first)
+        series = (uid(),) * 2
+    else:
+        crop_path = study / f"1.000000-cropped images-{rng.integers(100000):05d}" / "1-1.dcm"
+        mask_path, series = mask_dir / "1-1.dcm", (uid(), uid())
+    study_uid, name = uid(), f"{m.folder}_{abn.n}"
+    files = [  # (path, pixels, PatientID, SeriesDescription, series UID)
+        (crop_path, crop, name, "cropped images", series[0]),
+        (mask_path, mask, f"{m.patient}_{m.side}_{m.view}_{abn.n}.dcm", None, series[1])
+        if abn.quirk
+        else (mask_path, mask, name, "ROI mask images", series[1]),
+    ]
+    for path, pixels, patient_id, description, series_uid in files:
+        write_dicom(
+            path,
+            pixels,
+            patient_id=patient_id,
+            series_description=description,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=uid(),
+            instance_number=int(path.stem[-1]),
+            **_tags(m),
+        )
+
+
+def _tags(m: Mammogram) -> dict:
+    """Header fields shared by a mammogram's files."""
+    month, day, year = m.date.split("-")
+    return {"laterality": m.side[0], "view": m.view, "study_date": f"{year}{month}{day}"}
+
+
+def _write_mammogram(
+    root: Path, m: Mammogram, size: tuple[int, int], seed: int, index: int
+) -> None:
+    rng = np.random.default_rng([seed, index])  # own stream: pixels do not hinge on other images
+    counter = itertools.count()
+
+    def uid() -> str:  # seeded, so a rerun writes byte-identical files
+        return generate_uid(entropy_srcs=[f"synthetic-{seed}-{index}-{next(counter)}"])
+
+    image, masks = _render(m, *size, rng)
+    series = root / m.folder / f"{m.date}-DDSM-{rng.integers(100000):05d}"
+    path = series / f"1.000000-full mammogram images-{rng.integers(100000):05d}" / "1-1.dcm"
+    write_dicom(
+        path,
+        image,
+        patient_id=m.folder,
+        series_description="full mammogram images",
+        sop_class_uid=MAMMOGRAPHY_SOP_CLASS,
+        study_uid=uid(),
+        series_uid=uid(),
+        sop_uid=uid(),
+        **_tags(m),
+    )
+    for abn, mask in zip(m.abnormalities, masks, strict=True):
+        if abn.defect != "missing_roi":
+            _write_abnormality(root, m, abn, image, mask, uid, rng)
+
+
+def _csv_row(m: Mammogram, abn: Abnormality) -> list:
+    folder = f"{m.folder}_{abn.n}/{abn.old_uids}"
+    first, second = f"{folder}/000000.dcm", f"{folder}/000001.dcm"
+    crop, roi = (first, second) if abn.crop_is_first else (second, first)
+    # The published files carry a bare LF inside one path field per row; so do we.
+    crop, roi = (crop, roi + "\n") if m.collection == "Mass" else (crop + "\n", roi)
+    kind = "mass" if m.collection == "Mass" else "calcification"
+    image = f"{m.folder}/{m.old_uids}/000000.dcm"
+    head = [m.patient, m.density, m.side, m.view, abn.n, kind, *abn.descriptors]
+    return [*head, abn.assessment, abn.pathology, abn.subtlety, image, crop, roi]
+
+
+def _write_csvs(out_dir: Path, plan: list[Mammogram]) -> None:
+    for collection, split in itertools.product(("Mass", "Calc"), ("Training", "Test")):
+        part = "train" if split == "Training" else "test"
+        name = f"{collection.lower()}_case_description_{part}_set.csv"
+        with open(out_dir / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\r\n")
+            writer.writerow(CSV_HEADERS[collection].split(","))
+            for m in plan:
+                if (m.collection, m.split) == (collection, split):
+                    writer.writerows(_csv_row(m, abn) for abn in m.abnormalities)
+
+
+def _summary(plan: list[Mammogram], out_dir: Path, size: tuple[int, int], seed: int) -> dict:
+    groups = [f"{c}-{s}" for c in ("Mass", "Calc") for s in ("Training", "Test")]
+    abns = [(m, a) for m in plan for a in m.abnormalities]
+    images = Counter(f"{m.collection}-{m.split}" for m in plan)
+    lesions = Counter(f"{m.collection}-{m.split}" for m, _ in abns)
+    return {
+        "out_dir": str(out_dir),
+        "size": list(size),
+        "seed": seed,
+        "patients": len({m.patient for m in plan}),
+        "mammograms": {g: images[g] for g in groups},
+        "abnormalities": {g: lesions[g] for g in groups},
+        "pathology": dict(Counter(a.pathology for _, a in abns)),
+        "layouts": {
+            "one_series": sum(a.one_series for _, a in abns),
+            "two_series": sum(not a.one_series for _, a in abns),
+        },
+        "masks_without_series_description": sum(
+            a.quirk for _, a in abns if a.defect != "missing_roi"
+        ),
+        "defects": {
+            d: [f"{m.folder}_{a.n}" for m, a in abns if a.defect == d]
+            for d in ("mask_size_mismatch", "missing_roi")
+        },
+    }
+
+
+def make_synthetic_dataset(
+    out_dir: Path,
+    patients: int = 60,
+    size: tuple[int, int] = (640, 400),
+    seed: int = 0,
+    defects: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Write out_dir/CBIS-DDSM/ and the four description CSVs; return a summary of what was written.
+
+    Raises FileExistsError if out_dir/CBIS-DDSM exists, ValueError for unusable arguments.
+    """
+    out_dir = Path(out_dir)
+    if patients < 1 or min(size) < 64:
+        raise ValueError(f"need patients >= 1 and both sides >= 64 px, got {patients} and {size}")
+    root = out_dir / "CBIS-DDSM"
+    if root.exists():
+        raise FileExistsError(f"{root} already exists (use --overwrite to replace it)")
+    plan = _plan(patients, defects, np.random.default_rng(seed))
+    root.mkdir(parents=True)
+    for index, m in enumerate(tqdm(plan, desc="synthetic mammograms", disable=not progress)):
+        _write_mammogram(root, m, size, seed, index)
+    _write_csvs(out_dir, plan)
+    return _summary(plan, out_dir, size, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--out", type=Path, required=True, help="folder to write CBIS-DDSM/ and the 4 CSVs into")
+    add("--patients", type=int, default=60, help="patients, 1-3 mammograms each (default 60)")
+    add(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(640, 400),
+        metavar=("H", "W"),
+        help="mammogram height and width in px (default 640 400; real scans ~5000 3000)",
+    )
+    add("--seed", type=int, default=0, help="random seed; same seed, byte-identical output")
+    add(
+        "--no-defects",
+        dest="defects",
+        action="store_false",
+        help="leave out the deliberate defects: one ROI mask at the wrong size and one "
+        "abnormality listed in the CSV whose folder is missing",
+    )
+    add("--overwrite", action="store_true", help="replace an existing OUT/CBIS-DDSM")
+    add("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.overwrite:
+        shutil.rmtree(args.out / "CBIS-DDSM", ignore_errors=True)
+    try:
+        summary = make_synthetic_dataset(
+            args.out, args.patients, tuple(args.size), args.seed, args.defects, not args.quiet
+        )
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

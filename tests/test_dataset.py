@@ -1,0 +1,165 @@
+"""dataset.py: merged masks, the decode-once cache, defects, geometry and augmentation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dataset
+from dataset import (
+    DatasetError,
+    MammogramDataset,
+    apply_geometry,
+    augment_batch,
+    group_mammograms,
+    merge_masks,
+    prepare_image,
+    read_roi_masks,
+    read_split_csv,
+    restore_to_original,
+)
+from synthetic import write_dicom
+from tests.conftest import SIZE
+
+
+def test_overlapping_rois_higher_class_wins():
+    benign, mass, calc = (np.zeros((6, 6), bool) for _ in range(3))
+    benign[0:4, 0:4] = True
+    mass[2:6, 2:6] = True
+    calc[5, 0] = True
+    merged = merge_masks([mass, benign, calc], (2, 1, 3))
+    assert merged[0, 0] == 1 and merged[3, 3] == 2 and merged[5, 5] == 2 and merged[5, 0] == 3
+    assert merged[0, 5] == 0
+
+
+def test_every_roi_of_a_mammogram_is_in_its_one_target(csv_dir, tmp_path):
+    rows, root = read_split_csv(csv_dir / "train.csv")
+    mammograms = group_mammograms(rows)
+    assert len(mammograms) == rows["img_path"].nunique()
+    multi = next(m for m in mammograms if len(set(m.class_ids)) > 1)
+    masks, _ = read_roi_masks(multi, root, dataset.read_dicom_pixels(root / multi.img_path).shape)
+    merged = merge_masks(masks, multi.class_ids)
+    for roi, cls in zip(masks, multi.class_ids, strict=True):
+        # Every lesion pixel keeps a lesion label: its own class or a higher overlapping one.
+        assert (merged[roi] >= cls).all()
+    assert set(np.unique(merged)) == {0, *multi.class_ids}
+
+
+def test_cache_hit_means_no_second_decode(csv_dir, tmp_path, monkeypatch):
+    decoded = []
+    real_read = dataset.read_dicom_pixels
+    monkeypatch.setattr(dataset, "read_dicom_pixels",
+                        lambda path: decoded.append(path) or real_read(path))
+    data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
+    first = [data[i] for i in range(len(data))]
+    n_files = sum(1 + len(m.roi_paths) for m in data.mammograms)
+    assert len(decoded) == n_files
+    second = [data[i] for i in range(len(data))]
+    assert len(decoded) == n_files  # the second epoch read the cache only
+    for (image_a, mask_a, _), (image_b, mask_b, _) in zip(first, second, strict=True):
+        assert torch.equal(image_a, image_b) and torch.equal(mask_a, mask_b)
+    image, mask, _ = first[0]
+    assert image.shape == (1, *SIZE) and image.dtype == torch.float32
+    assert image.min() >= 0 and image.max() <= 1 and mask.dtype == torch.int64
+    # A new dataset object (a later run) hits the same cache.
+    again = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
+    assert again.prepare(progress=False).cached == len(again)
+    assert len(decoded) == n_files
+
+
+def test_prepare_builds_in_parallel_processes(csv_dir, tmp_path):
+    data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
+    report = data.prepare(workers=2, progress=False)
+    assert report.built == len(data) and not report.skipped
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_size_mismatched_mask_is_resized_and_counted(tmp_path):
+    image = (np.arange(40 * 30, dtype=np.uint16).reshape(40, 30) * 50)
+    mask = np.zeros((20, 15), np.uint8)
+    mask[5:10, 5:10] = 255
+    write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
+    write_dicom(tmp_path / "roi.dcm", mask, patient_id="x_1", series_description="ROI mask")
+    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (2,), "P_1", "Mass-Test")
+    masks, resized = read_roi_masks(mammogram, tmp_path, image.shape)
+    assert resized == 1 and masks[0].shape == image.shape
+    assert masks[0][10:20, 10:20].all() and masks[0].sum() == 100  # nearest: 2x in each axis
+    result = dataset.preprocess(mammogram, tmp_path, (32, 24))
+    assert result.meta["masks_resized"] == 1
+
+
+def test_unreadable_dicom_named_or_skipped_and_counted(csv_dir, tmp_path):
+    rows, root = read_split_csv(csv_dir / "val.csv")
+    copy_root = tmp_path / "data"
+    bad_path = rows["img_path"].iloc[0]
+    for relative in set(rows["img_path"]) | set(rows["roi_path"]):
+        (copy_root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (copy_root / relative).write_bytes((root / relative).read_bytes())
+    (copy_root / bad_path).write_bytes(b"not a dicom")
+    data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE,
+                                     data_root=copy_root)
+    n = len(data)
+    with pytest.raises(DatasetError, match=bad_path.split("/")[-1]):
+        data.prepare(progress=False)
+    report = data.prepare(skip_unreadable=True, progress=False)
+    assert [p for p, _ in report.skipped] == [bad_path] and len(data) == n - 1
+
+
+def test_csv_from_another_version_is_refused(csv_dir, tmp_path):
+    rows = pd.read_csv(csv_dir / "train.csv")
+    rows.drop(columns=["class_id"]).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "dataset.json").write_text((csv_dir / "dataset.json").read_text())
+    with pytest.raises(DatasetError, match="another version"):
+        read_split_csv(tmp_path / "train.csv")
+    sidecar = json.loads((csv_dir / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({**sidecar, "schema_version": 0}))
+    rows.to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DatasetError, match="re-run"):
+        read_split_csv(tmp_path / "train.csv")
+
+
+@pytest.mark.parametrize("chest_wall_right", [False, True])
+def test_prediction_maps_back_through_crop_and_flip(chest_wall_right):
+    # A breast (bright) against one edge, a film label in the far corner, a lesion inside.
+    image = np.zeros((300, 200), np.uint16)
+    image[40:260, :120] = 30000
+    image[10:20, 180:195] = 60000  # label: a separate component, outside the box
+    lesion = np.zeros(image.shape, np.uint8)
+    lesion[100:140, 40:80] = 2
+    if chest_wall_right:
+        image, lesion = image[:, ::-1].copy(), lesion[:, ::-1].copy()
+    resized, meta = prepare_image(image, (110, 60))
+    assert meta["flipped"] == chest_wall_right
+    y0, y1, x0, x1 = meta["box"]
+    assert y0 <= 40 and y1 >= 260 and y1 - y0 < 240 and x1 - x0 < 140  # label dropped
+    small = apply_geometry(lesion, meta, (110, 60))
+    assert small.shape == resized.shape == (110, 60)
+    # A "prediction" equal to the small truth maps back onto the original lesion.
+    restored = restore_to_original(small, meta, interpolation=0)
+    assert restored.shape == image.shape
+    overlap = ((restored == 2) & (lesion == 2)).sum() / (lesion == 2).sum()
+    assert overlap > 0.9 and ((restored == 2) & (lesion == 0)).sum() < 0.1 * (lesion == 2).sum()
+
+
+def test_augmentation_keeps_labels_and_is_seeded():
+    images = torch.rand(3, 1, 40, 24)
+    masks = torch.randint(0, 4, (3, 40, 24))
+    out_a = augment_batch(images, masks, torch.Generator().manual_seed(1))
+    out_b = augment_batch(images, masks, torch.Generator().manual_seed(1))
+    assert torch.equal(out_a[0], out_b[0]) and torch.equal(out_a[1], out_b[1])
+    assert out_a[0].shape == images.shape and out_a[1].shape == masks.shape
+    assert set(out_a[1].unique().tolist()) <= {0, 1, 2, 3}  # nearest: no blended labels
+    assert out_a[0].min() >= 0 and out_a[0].max() <= 1
+    assert not torch.equal(out_a[0], images)
+
+
+def test_paths_in_csv_are_relative_to_recorded_root(csv_dir):
+    _, root = read_split_csv(csv_dir / "test.csv")
+    rows = pd.read_csv(csv_dir / "test.csv")
+    assert all((root / p).is_file() for p in rows["img_path"])
+    assert not any(Path(p).is_absolute() for p in rows["roi_path"])

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from model import SUPPORTED_BACKBONES, DeepLabV3Plus, build_model
+
+H, W = 96, 64  # small, non-square
+
+
+def _hooked_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple]:
+    """Run x through model; return each named module's input and output shapes."""
+    shapes: dict[str, tuple] = {}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, inp, out, name=name: shapes.__setitem__(
+                name, (tuple(inp[0].shape), tuple(out.shape))
+            )
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("backbone", SUPPORTED_BACKBONES)
+def test_output_shape_every_backbone(backbone: str) -> None:
+    model = build_model(backbone, num_classes=4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, H, W))
+    assert out.shape == (1, 4, H, W)
+    assert model.config == dict(backbone=backbone, num_classes=4, in_channels=1, output_stride=16)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("size", [(H, W), (200, 136), (37, 53)])
+def test_output_shape_os8_and_odd_sizes(backbone: str, size: tuple[int, int]) -> None:
+    model = build_model(backbone, num_classes=3, in_channels=2, output_stride=8).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 2, *size))
+    assert out.shape == (2, 3, *size)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_features_at_stated_stride(backbone: str, output_stride: int) -> None:
+    model = build_model(backbone, output_stride=output_stride).eval()
+    shapes = _hooked_shapes(model, ["backbone.layer1", "backbone.layer4"], torch.randn(1, 1, H, W))
+    assert shapes["backbone.layer1"][1][-2:] == (H // 4, W // 4)
+    assert shapes["backbone.layer4"][1][-2:] == (H // output_stride, W // output_stride)
+
+    dilations = {16: {"layer3": 1, "layer4": 2}, 8: {"layer3": 2, "layer4": 4}}[output_stride]
+    for name, d in dilations.items():
+        convs = [m for m in getattr(model.backbone, name).modules() if isinstance(m, nn.Conv2d)]
+        three = [c for c in convs if c.kernel_size == (3, 3)]
+        assert three and all(c.dilation == (d, d) and c.padding == (d, d) for c in three)
+        if d > 1:  # dilated layers keep the resolution: no strided conv, downsample included
+            assert all(c.stride == (1, 1) for c in convs)
+
+
+def test_is_v3_plus() -> None:
+    model = build_model("resnet50").eval()
+    assert isinstance(model, DeepLabV3Plus)
+    assert type(model.aspp) is ASPP
+    proj = model.decoder.low_level[0]
+    assert isinstance(proj, nn.Conv2d) and proj.out_channels == 48 and proj.kernel_size == (1, 1)
+    # The projection is fed layer1's output (stride 4) and the classifier sees stride 4 too.
+    shapes = _hooked_shapes(
+        model, ["backbone.layer1", "decoder.low_level", "classifier"], torch.randn(1, 1, H, W)
+    )
+    assert shapes["decoder.low_level"][0] == shapes["backbone.layer1"][1]
+    assert shapes["decoder.low_level"][1] == (1, 48, H // 4, W // 4)
+    assert shapes["classifier"][0] == (1, 256, H // 4, W // 4)
+
+
+def _save_resnet(path: Path, backbone: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state = torchvision.models.get_model(backbone, weights=None).state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_pretrained_from_local_file(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.pth"
+    state = _save_resnet(path, "resnet18")
+    model = build_model("resnet18", pretrained=str(path))
+    enc = model.backbone
+    torch.testing.assert_close(enc.stem.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(enc.stem.bn1.running_var, state["bn1.running_var"])
+    torch.testing.assert_close(enc.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    torch.testing.assert_close(enc.layer4[1].bn2.weight, state["layer4.1.bn2.weight"])
+
+    rgb = build_model("resnet18", in_channels=3, pretrained=path)
+    torch.testing.assert_close(rgb.backbone.stem.conv1.weight, state["conv1.weight"])
+    four = build_model("resnet18", in_channels=4, pretrained=path)
+    mean = state["conv1.weight"].mean(1, keepdim=True)
+    torch.testing.assert_close(four.backbone.stem.conv1.weight, mean.repeat(1, 4, 1, 1))
+
+
+def test_pretrained_wrong_backbone_file(tmp_path: Path) -> None:
+    path = tmp_path / "resnet34.pth"
+    _save_resnet(path, "resnet34")
+    with pytest.raises(RuntimeError, match=r"resnet34\.pth.*torchvision resnet18"):
+        build_model("resnet18", pretrained=str(path))
+
+
+def test_pretrained_bad_name() -> None:
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        build_model("resnet18", pretrained="no_such_weights")
+
+
+def test_pretrained_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*_args: object, **_kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    weights = torchvision.models.get_model_weights("resnet18")
+    monkeypatch.setattr(weights, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="offline.*pretrained="):
+        build_model("resnet18", pretrained="DEFAULT")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="resnet50"):
+        build_model("vgg16")
+    with pytest.raises(ValueError, match="8 or 16"):
+        build_model("resnet18", output_stride=32)
+
+
+def test_backward_gives_grads() -> None:
+    model = build_model("resnet18").train()
+    # Batch 2: ASPP's image-pooling branch has a BatchNorm on a 1x1 map.
+    x = torch.randn(2, 1, H, W)
+    target = torch.randint(0, 4, (2, H, W))
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    grad = model.backbone.stem.conv1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert model.classifier.weight.grad is not None

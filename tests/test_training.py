@@ -1,0 +1,165 @@
+"""Training, checkpoints, resume, evaluation and DDP on the tiny synthetic set (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import evaluation
+import training
+from tests.conftest import train_args
+from utils import CheckpointError, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_training(argv: list[str]) -> dict:
+    parser = training.get_args_parser()
+    return training.train(parser.parse_args(argv), parser)
+
+
+@pytest.fixture(scope="module")
+def trained_run(csv_dir, tmp_path_factory) -> Path:
+    """Four epochs from scratch: the run the checkpoint and evaluation tests read."""
+    run = tmp_path_factory.mktemp("runs") / "full"
+    run_training(train_args(csv_dir, run, "--epochs", "4"))
+    return run / "checkpoint"
+
+
+def test_training_lowers_the_loss_and_logs_every_epoch(trained_run):
+    log = pd.read_csv(trained_run / "log.csv")
+    assert log["epoch"].tolist() == [1, 2, 3, 4]
+    assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    dice = log[["dice_benign", "dice_mass", "dice_calc", "mean_fg_dice"]].to_numpy()
+    assert ((dice >= 0) & (dice <= 1)).all()
+
+
+def test_checkpoint_holds_everything_to_continue(trained_run):
+    checkpoint = load_checkpoint(trained_run / "last.pth")
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "config",
+            "args"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 3
+    config = checkpoint["config"]
+    assert config["backbone"] == "resnet18" and config["num_classes"] == 4
+    assert config["size"] == [64, 48] and "preprocess_version" in config
+    best = load_checkpoint(trained_run / "best.pth")
+    log = pd.read_csv(trained_run / "log.csv")
+    assert math.isclose(best["best_metric"], log["mean_fg_dice"].max(), abs_tol=1e-4)
+    assert not list(trained_run.glob("*.tmp"))
+
+
+def test_killed_run_resumes_to_the_same_state(csv_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run_training(train_args(csv_dir, straight, "--epochs", "2"))
+
+    killed = tmp_path / "killed"
+    real_epoch = training.train_one_epoch
+    calls = []
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is killed mid-way through epoch 2
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(train_args(csv_dir, killed, "--epochs", "2"))
+    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    assert load_checkpoint(killed / "checkpoint" / "last.pth")["epoch"] == 0
+    # Only --resume and the folders: every other flag comes back from the checkpoint.
+    parser = training.get_args_parser()
+    resume = parser.parse_args(["--csv-dir", str(csv_dir), "--checkpoint-dir",
+                                str(killed / "checkpoint"), "--cache-dir",
+                                str(tmp_path / "cache"), "--workers", "0", "--resume",
+                                "--no-progress"])
+    training.train(resume, parser)
+
+    a = load_checkpoint(straight / "checkpoint" / "last.pth")
+    b = load_checkpoint(killed / "checkpoint" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 1
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert a["scheduler"] == b["scheduler"]
+    assert pd.read_csv(killed / "checkpoint" / "log.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_resume_with_another_backbone_is_refused(trained_run, csv_dir, tmp_path):
+    argv = train_args(csv_dir, tmp_path, "--epochs", "5", "--backbone", "resnet34",
+                      "--resume", str(trained_run / "last.pth"))
+    with pytest.raises(CheckpointError, match="backbone='resnet18'"):
+        run_training(argv)
+
+
+def test_checkpoint_for_another_backbone_or_class_count_is_refused(trained_run, tmp_path):
+    checkpoint = load_checkpoint(trained_run / "best.pth")
+    for change in ({"backbone": "resnet34"}, {"num_classes": 3}):
+        bad = {**checkpoint, "config": {**checkpoint["config"], **change}}
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(CheckpointError, match="does not fit"):
+            evaluation.load_trained_model(tmp_path / "bad.pth", torch.device("cpu"))
+
+
+def test_test_script_writes_every_metric_in_range(trained_run, csv_dir, tmp_path):
+    out = tmp_path / "results"
+    argv = ["--checkpoint", "best.pth", "--checkpoint-dir", str(trained_run), "--csv",
+            str(csv_dir / "test.csv"), "--out", str(out), "--cache-dir",
+            str(tmp_path / "cache"), "--workers", "0", "--bootstrap", "50", "--overlays", "2",
+            "--no-progress"]
+    assert evaluation.main(argv) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    rows = pd.read_csv(csv_dir / "test.csv")
+    assert results["n_images"] == rows["img_path"].nunique()
+    assert results["n_lesions"] == len(rows)
+    for resolution in ("original_resolution", "training_resolution"):
+        section = results[resolution]
+        for key in ("dice_pooled", "iou_pooled", "dice_mean", "iou_mean"):
+            assert set(section[key]) == {"background", "benign", "mass", "calc"}
+            for entry in section[key].values():
+                assert entry["value"] is None or 0 <= entry["value"] <= 1
+        matrix = section["confusion_matrix"]
+        assert len(matrix) == 4 and all(len(r) == 4 for r in matrix)
+    detection = results["original_resolution"]["detection"]
+    froc = detection["iou_at_least_0.2"]["all"]
+    assert len(froc["value"]) == len(detection["fp_per_image"]) == 6
+    assert all(0 <= v <= 1 for v in froc["value"])
+    assert froc["value"] == sorted(froc["value"])  # sensitivity grows with allowed FPs
+    auc = results["malignancy"]["auc"]
+    assert 0 <= auc["value"] <= 1 and auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
+    per_image = pd.read_csv(out / "per_image.csv")
+    assert len(per_image) == results["n_images"]
+    for name in ("froc.png", "roc.png", "confusion_matrix.png", "training_curves.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+
+
+def test_test_script_clear_error_for_a_missing_checkpoint(tmp_path, capsys):
+    assert evaluation.main(["--checkpoint", "nope.pth", "--checkpoint-dir", str(tmp_path)]) == 2
+    assert "no checkpoint 'nope.pth'" in capsys.readouterr().err
+
+
+def test_two_process_ddp_run_matches_single_process_structure(csv_dir, trained_run, tmp_path):
+    """torchrun with 2 CPU processes (gloo): training, validation and checkpoint complete."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29533", str(REPO / "Train_deep_labv3+.py"),
+               *train_args(csv_dir, run, "--epochs", "1", "--batch-size", "2")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ddp = load_checkpoint(run / "checkpoint" / "last.pth")
+    single = load_checkpoint(trained_run / "last.pth")
+    assert set(ddp) == set(single)
+    assert {k: v.shape for k, v in ddp["model"].items()} == {
+        k: v.shape for k, v in single["model"].items()}
+    log = pd.read_csv(run / "checkpoint" / "log.csv")
+    assert len(log) == 1 and 0 <= log["mean_fg_dice"].iloc[0] <= 1

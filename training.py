@@ -1,0 +1,385 @@
+"""Training: flags, the loss, one epoch, validation, and the checkpointed loop.
+
+Runs on one device or, under torchrun, on many with DistributedDataParallel; only rank 0 writes
+checkpoint-dir/{last,best}.pth and log.csv. Train_deep_labv3+.py is the command-line entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from dataset import (
+    NUM_CLASSES,
+    PREPROCESS_VERSION,
+    MammogramDataset,
+    augment_batch,
+    normalize_input,
+)
+from metrics import CLASS_NAMES
+from model import SUPPORTED_BACKBONES, build_model
+from utils import (
+    CheckpointError,
+    DistInfo,
+    all_reduce_sum,
+    append_csv_row,
+    barrier,
+    check_config_matches,
+    cleanup_distributed,
+    init_distributed,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+)
+
+# Flags that define the model and its inputs: a resumed run must not change them.
+MODEL_FLAGS = ("backbone", "output_stride", "size", "canonical_flip")
+# Flags that describe this machine, not the run: a resumed run takes them from the command line.
+MACHINE_FLAGS = ("resume", "device", "workers", "checkpoint_dir", "cache_dir", "data_root",
+                 "progress")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train DeepLabV3+ on the retrieval CSVs (4 classes: background, benign, "
+                    "malignant mass, malignant calcification).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--csv-dir", type=Path, default=Path("csv"), help="folder with train.csv and val.csv")
+    add("--data-root", type=Path, default=None,
+        help="CBIS-DDSM download folder, if it moved since main_retrieval.py recorded it")
+    add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
+        help="where last.pth, best.pth and log.csv are written")
+    add("--cache-dir", type=Path, default=Path("cache"),
+        help="preprocessed-image cache, shared by runs with the same size")
+    add("--backbone", default="resnet50", choices=SUPPORTED_BACKBONES, help="ResNet encoder")
+    add("--output-stride", type=int, default=16, choices=(8, 16), help="encoder output stride")
+    add("--pretrained", default=None,
+        help="ImageNet encoder weights: a local .pth file, or a torchvision weights name "
+             "such as IMAGENET1K_V1 (downloads; needs network). Default: random init")
+    add("--size", type=int, nargs=2, default=[1024, 640], metavar=("H", "W"),
+        help="training input height and width (breast crops are tall)")
+    add("--no-canonical-flip", dest="canonical_flip", action="store_false",
+        help="keep each breast's side instead of flipping the chest wall to the left")
+    add("--epochs", type=int, default=40, help="number of epochs")
+    add("--batch-size", type=int, default=8, help="images per device and step (at least 2)")
+    add("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    add("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    add("--warmup-epochs", type=float, default=1.0,
+        help="linear learning-rate warm-up, then cosine decay to zero")
+    add("--dice-weight", type=float, default=1.0,
+        help="weight of the soft Dice term added to cross-entropy")
+    add("--no-augment", dest="augment", action="store_false",
+        help="turn off flips, affine and intensity augmentation")
+    add("--workers", type=int, default=4,
+        help="DataLoader workers per process, also used to build the cache")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+        help="autocast precision: auto = bf16 on CUDA, none on CPU")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+        help="continue a run: from CHECKPOINT, or checkpoint-dir/last.pth when no path is given; "
+             "its saved flags are reused unless given again")
+    add("--skip-unreadable", action="store_true",
+        help="skip (and count) mammograms whose DICOMs cannot be read instead of stopping")
+    add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+# ----------------------------------------------------------------------------- loss, schedule
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes, pooled over the batch."""
+    probs = logits.float().softmax(dim=1)[:, 1:]
+    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    dims = (0, 2, 3)
+    intersection = (probs * one_hot).sum(dims)
+    total = probs.sum(dims) + one_hot.sum(dims)
+    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
+                      dice_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy plus soft Dice: lesions are under 2% of the pixels."""
+    return F.cross_entropy(logits.float(), target) + dice_weight * soft_dice_loss(logits, target)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context for --amp on this device (auto: bf16 on CUDA, none on CPU)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks.to(device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler, scaler: torch.amp.GradScaler, device: torch.device, args,
+                    generator: torch.Generator, dist_info: DistInfo) -> float:
+    """One pass over the training set; returns the mean loss over all ranks."""
+    model.train()
+    channels_last = device.type == "cuda"
+    loss_sum = torch.zeros(2, device=device)
+    bar = tqdm(loader, desc="train", leave=False, disable=not (args.progress and dist_info.is_main))
+    for images, masks, _ in bar:
+        images, masks = to_device(images, masks, device, channels_last)
+        if args.augment:
+            images, masks = augment_batch(images, masks, generator)
+        with autocast_for(device, args.amp):
+            logits = model(normalize_input(images))
+        loss = segmentation_loss(logits, masks, args.dice_weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum[0] += loss.detach() * len(images)
+        loss_sum[1] += len(images)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    loss_sum = all_reduce_sum(loss_sum)
+    return (loss_sum[0] / loss_sum[1]).item()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, args,
+             dist_info: DistInfo) -> dict:
+    """Validation loss and per-class Dice pooled over the set (all ranks), at training size."""
+    model.eval()
+    stats = torch.zeros(NUM_CLASSES, 3, dtype=torch.float64, device=device)  # inter, pred, truth
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    bar = tqdm(loader, desc="val", leave=False, disable=not (args.progress and dist_info.is_main))
+    for images, masks, _ in bar:
+        images, masks = to_device(images, masks, device, device.type == "cuda")
+        with autocast_for(device, args.amp):
+            logits = model(normalize_input(images))
+        loss_sum[0] += segmentation_loss(logits, masks, args.dice_weight) * len(images)
+        loss_sum[1] += len(images)
+        pred = logits.argmax(1)
+        for cls in range(NUM_CLASSES):
+            p, t = pred == cls, masks == cls
+            stats[cls] += torch.stack([(p & t).sum(), p.sum(), t.sum()]).double()
+    stats, loss_sum = all_reduce_sum(stats).cpu().numpy(), all_reduce_sum(loss_sum)
+    denominator = stats[:, 1] + stats[:, 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(denominator > 0, 2 * stats[:, 0] / denominator, np.nan)
+    return {"val_loss": (loss_sum[0] / loss_sum[1]).item(),
+            "dice": dice, "mean_fg_dice": float(np.nanmean(dice[1:]))}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def model_config(args) -> dict:
+    """Everything needed to rebuild the model and its inputs, in plain types."""
+    return {"backbone": args.backbone, "num_classes": NUM_CLASSES, "in_channels": 1,
+            "output_stride": args.output_stride, "size": list(args.size),
+            "canonical_flip": args.canonical_flip, "preprocess_version": PREPROCESS_VERSION,
+            "class_names": list(CLASS_NAMES)}
+
+
+def resolve_resume(args, parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict | None]:
+    """With --resume, the saved flags fill in every flag left at its default."""
+    if args.resume is None:
+        return args, None
+    path = args.checkpoint_dir / "last.pth" if args.resume == "last" else Path(args.resume)
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["args"]
+    given = {k: v for k, v in vars(args).items() if v != parser.get_default(k)}
+    merged = dict(vars(args))
+    for key, value in saved.items():
+        if key in MACHINE_FLAGS or key in given:
+            continue
+        merged[key] = Path(value) if isinstance(parser.get_default(key), Path) else value
+    resumed = argparse.Namespace(**merged)
+    check_config_matches(checkpoint["config"], model_config(resumed), path)
+    return resumed, checkpoint
+
+
+def plain_args(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def make_loader(dataset: MammogramDataset, args, dist_info: DistInfo, train: bool,
+                device: torch.device) -> tuple[DataLoader, DistributedSampler]:
+    # One sampler for one or many processes; set_epoch gives each epoch its own shuffle.
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                 shuffle=train, seed=args.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0, drop_last=train,
+                        prefetch_factor=4 if args.workers > 0 else None)
+    return loader, sampler
+
+
+def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset, MammogramDataset]:
+    """Train and val datasets with their cache built once (by rank 0, in parallel)."""
+    datasets = []
+    for split in ("train", "val"):
+        dataset = MammogramDataset.from_csv(args.csv_dir / f"{split}.csv", args.cache_dir,
+                                            tuple(args.size), args.canonical_flip, args.data_root)
+        if dist_info.is_main:
+            report = dataset.prepare(args.workers, args.skip_unreadable, args.progress)
+            for img_path, error in report.skipped:
+                print(f"skipped {img_path}: {error}")
+            if report.built:
+                print(f"{split}: preprocessed {report.built} mammograms into {args.cache_dir} "
+                      f"({report.masks_resized} masks resized to their image)")
+        barrier()
+        if not dist_info.is_main:  # the cache is complete now; this drops what rank 0 skipped
+            dataset.prepare(0, args.skip_unreadable, progress=False)
+        datasets.append(dataset)
+    return datasets[0], datasets[1]
+
+
+def train(args, parser: argparse.ArgumentParser | None = None) -> dict:
+    """The whole run; returns the last epoch's log row."""
+    args, checkpoint = resolve_resume(args, parser or get_args_parser())
+    if args.batch_size < 2:
+        raise SystemExit("error: --batch-size must be at least 2 (batch norm in ASPP)")
+    device = resolve_device(args.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    seed_everything(args.seed)
+    try:
+        return _train(args, checkpoint, device, dist_info)
+    finally:
+        cleanup_distributed()
+
+
+def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistInfo) -> dict:
+    train_set, val_set = load_datasets(args, dist_info)
+    if len(train_set) < args.batch_size * dist_info.world_size:
+        raise SystemExit(f"error: {len(train_set)} training mammograms, fewer than one batch")
+    train_loader, train_sampler = make_loader(train_set, args, dist_info, True, device)
+    val_loader, _ = make_loader(val_set, args, dist_info, False, device)
+
+    config = model_config(args)
+    model = build_model(args.backbone, NUM_CLASSES, 1, args.output_stride,
+                        None if checkpoint else args.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_loader)
+    scheduler = warmup_cosine(optimizer, max(1, round(args.warmup_epochs * steps_per_epoch)),
+                              args.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_epoch, best = 0, -1.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best_metric"]
+    trained = model
+    if dist_info.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        trained = torch.compile(trained)
+
+    log_path = args.checkpoint_dir / "log.csv"
+    if dist_info.is_main:
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        drop_log_rows_after(log_path, start_epoch)
+        print(f"training {args.backbone} DeepLabV3+ on {len(train_set)} mammograms "
+              f"({len(val_set)} val) at {args.size[0]}x{args.size[1]}, {dist_info.world_size} "
+              f"process(es) on {device}, epochs {start_epoch + 1}..{args.epochs}")
+    row = {}
+    for epoch in range(start_epoch, args.epochs):
+        start = time.perf_counter()
+        # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
+        torch.manual_seed(args.seed + epoch)
+        train_sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 1_009
+                                                  + dist_info.rank)
+        train_loss = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device,
+                                     args, generator, dist_info)
+        val = evaluate(trained, val_loader, device, args, dist_info)
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": round(train_loss, 5), "val_loss": round(val["val_loss"], 5),
+               **{f"dice_{name}": round(float(d), 4)
+                  for name, d in zip(CLASS_NAMES[1:], val["dice"][1:], strict=True)},
+               "mean_fg_dice": round(val["mean_fg_dice"], 4), "seconds": round(seconds, 1),
+               "train_images_per_s": round(len(train_loader) * args.batch_size
+                                           * dist_info.world_size / seconds, 2)}
+        improved = val["mean_fg_dice"] > best
+        best = max(best, val["mean_fg_dice"])
+        if dist_info.is_main:
+            append_csv_row(log_path, row)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "best_metric": best, "config": config,
+                     "args": plain_args(args), "val_dice": [float(d) for d in val["dice"]]}
+            save_checkpoint(state, args.checkpoint_dir / "last.pth")
+            if improved:
+                save_checkpoint(state, args.checkpoint_dir / "best.pth")
+            print(f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f}  "
+                  f"val loss {val['val_loss']:.4f}  val Dice " + "  ".join(
+                      f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("dice_"))
+                  + f"  mean {val['mean_fg_dice']:.3f}{'  *best' if improved else ''}  "
+                  f"({seconds:.0f} s)")
+        barrier()
+    return row
+
+
+def drop_log_rows_after(log_path: Path, epochs_done: int) -> None:
+    """A run killed after logging an epoch but before its checkpoint re-runs that epoch."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    if epochs_done == 0:
+        log_path.unlink()
+        return
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) <= epochs_done]
+    log_path.write_text("".join(kept))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        train(args, parser)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    return 0
+
+
+__all__ = ["get_args_parser", "train", "train_one_epoch", "evaluate", "main", "CheckpointError"]
