@@ -95,7 +95,7 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dic
             f"{path} was trained on preprocessing version {config.get('preprocess_version')}, "
             f"this code makes version {PREPROCESS_VERSION}: use the matching release")
     model = build_model(config["backbone"], config["num_classes"], config["in_channels"],
-                        config["output_stride"])
+                        config["output_stride"], decoder_channels=config["decoder_channels"])
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

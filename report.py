@@ -113,18 +113,22 @@ def colourise(mask: np.ndarray) -> np.ndarray:
     return CLASS_COLOURS[mask]
 
 
-def overlay_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """image | truth | prediction side by side (RGB uint8), masks blended over the image."""
+def blend(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A class mask blended in its colours over an RGB uint8 image."""
+    blended = grey.copy()
+    lesion = mask > 0
+    blended[lesion] = (0.45 * grey[lesion] + 0.55 * colourise(mask)[lesion]).astype(np.uint8)
+    return blended
+
+
+def overlay_panel(image: np.ndarray, *masks: np.ndarray) -> np.ndarray:
+    """image | mask | mask ... side by side (RGB uint8), e.g. image | truth | prediction."""
     grey = np.repeat((np.clip(image, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
-
-    def blend(mask: np.ndarray) -> np.ndarray:
-        blended = grey.copy()
-        lesion = mask > 0
-        blended[lesion] = (0.45 * grey[lesion] + 0.55 * colourise(mask)[lesion]).astype(np.uint8)
-        return blended
-
     gap = np.full((grey.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([grey, gap, blend(truth), gap, blend(prediction)], axis=1)
+    panels = [grey]
+    for mask in masks:
+        panels += [gap, blend(grey, mask)]
+    return np.concatenate(panels, axis=1)
 
 
 def write_overlays(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],

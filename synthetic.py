@@ -103,7 +103,7 @@ def write_dicom(
 
 
 @dataclass
-class Abnormality:
+class _Abnormality:
     n: int  # 1-based abnormality id
     pathology: str
     assessment: int
@@ -118,7 +118,7 @@ class Abnormality:
 
 
 @dataclass
-class Mammogram:
+class _Mammogram:
     collection: str  # Mass or Calc
     split: str  # Training or Test
     patient: str  # P_00038
@@ -127,7 +127,7 @@ class Mammogram:
     density: int
     date: str  # MM-DD-YYYY
     old_uids: str
-    abnormalities: list[Abnormality]
+    abnormalities: list[_Abnormality]
 
     @property
     def folder(self) -> str:
@@ -138,10 +138,10 @@ def _old_uid(rng: np.random.Generator) -> str:
     return f"{OLD_UID_ROOT}{rng.integers(10**17, 10**18)}{rng.integers(0, 10**18):018d}"
 
 
-def _plan_abnormality(n: int, collection: str, rng: np.random.Generator) -> Abnormality:
+def _plan_abnormality(n: int, collection: str, rng: np.random.Generator) -> _Abnormality:
     pathology = str(rng.choice(_PATHOLOGY[0], p=_PATHOLOGY[1]))
     first, second = _DESCRIPTORS[collection, pathology == "MALIGNANT"]
-    return Abnormality(
+    return _Abnormality(
         n=n,
         pathology=pathology,
         assessment=int(rng.choice(_ASSESSMENT[pathology])),
@@ -155,7 +155,7 @@ def _plan_abnormality(n: int, collection: str, rng: np.random.Generator) -> Abno
     )
 
 
-def _plan(patients: int, defects: bool, rng: np.random.Generator) -> list[Mammogram]:
+def _plan(patients: int, defects: bool, rng: np.random.Generator) -> list[_Mammogram]:
     """Draw every random choice that is not pixels: patients, splits, views, clinical columns."""
     ids = np.sort(rng.choice(np.arange(1, 2100), size=patients, replace=False))
     test = set(rng.choice(ids, size=round(0.25 * patients), replace=False).tolist())
@@ -172,7 +172,7 @@ def _plan(patients: int, defects: bool, rng: np.random.Generator) -> list[Mammog
             side, view = _VIEWS[k]
             uids = f"{_old_uid(rng)}/{_old_uid(rng)}"
             plan.append(
-                Mammogram(collection, split, f"P_{pid:05d}", side, view, density, date, uids, abns)
+                _Mammogram(collection, split, f"P_{pid:05d}", side, view, density, date, uids, abns)
             )
     # The defects go on single-lesion training mammograms so the test split stays clean.
     singles = [m for m in plan if m.split == "Training" and len(m.abnormalities) == 1]
@@ -263,7 +263,7 @@ def _place(
     for attempt in range(2000):
         y, x = round(rng.uniform(cy - b, cy + b)), round(rng.uniform(0, a))
         inside = x > margin and (x / (a - margin)) ** 2 + ((y - cy) / (b - margin)) ** 2 < 1
-        apart = attempt > 1500 or all(
+        apart = attempt > 1500 or all(  # late on, crowding beats failing
             np.hypot(y - py, x - px) > 0.75 * (half + ph) for py, px, ph in placed
         )
         if inside and apart:
@@ -276,14 +276,15 @@ def _film_label(img: np.ndarray, rng: np.random.Generator) -> None:
     """Bright label with dark 'text' blocks in a far corner, clear of the breast by construction."""
     h, w = img.shape
     lh, lw = int(h * rng.uniform(0.04, 0.06)), int(w * rng.uniform(0.12, 0.18))
-    y0, x0 = int(0.03 * h) if rng.random() < 0.5 else int(0.97 * h) - lh, int(0.96 * w) - lw
+    y0 = int(0.03 * h) if rng.random() < 0.5 else int(0.97 * h) - lh
+    x0 = int(0.96 * w) - lw
     img[y0 : y0 + lh, x0 : x0 + lw] = 0.85 * MAX_VALUE
     for _ in range(int(rng.integers(3, 7))):
         by, bx = y0 + int(rng.uniform(0.15, 0.6) * lh), x0 + int(rng.uniform(0.05, 0.8) * lw)
         img[by : by + max(1, lh // 4), bx : bx + max(1, lw // 8)] = 0.25 * MAX_VALUE
 
 
-def _render(m: Mammogram, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+def _render(m: _Mammogram, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, list]:
     """The uint16 mammogram and one uint8 0/255 mask per abnormality, mirrored for RIGHT."""
     ellipse = (w * rng.uniform(0.6, 0.78), h * rng.uniform(0.42, 0.47), h * rng.uniform(0.47, 0.53))
     img = _breast(h, w, ellipse, m.density, rng)
@@ -311,8 +312,8 @@ def _render(m: Mammogram, h: int, w: int, rng: np.random.Generator) -> tuple[np.
 
 def _write_abnormality(
     root: Path,
-    m: Mammogram,
-    abn: Abnormality,
+    m: _Mammogram,
+    abn: _Abnormality,
     image: np.ndarray,
     mask: np.ndarray,
     uid: Callable[[], str],
@@ -332,12 +333,11 @@ def _write_abnormality(
     else:
         crop_path = study / f"1.000000-cropped images-{rng.integers(100000):05d}" / "1-1.dcm"
         mask_path, series = mask_dir / "1-1.dcm", (uid(), uid())
-    study_uid, name = uid(), f"{m.folder}_{abn.n}"
+    name, study_uid = f"{m.folder}_{abn.n}", uid()
+    mask_id = f"{m.patient}_{m.side}_{m.view}_{abn.n}.dcm" if abn.quirk else name
     files = [  # (path, pixels, PatientID, SeriesDescription, series UID)
         (crop_path, crop, name, "cropped images", series[0]),
-        (mask_path, mask, f"{m.patient}_{m.side}_{m.view}_{abn.n}.dcm", None, series[1])
-        if abn.quirk
-        else (mask_path, mask, name, "ROI mask images", series[1]),
+        (mask_path, mask, mask_id, None if abn.quirk else "ROI mask images", series[1]),
     ]
     for path, pixels, patient_id, description, series_uid in files:
         write_dicom(
@@ -353,14 +353,14 @@ def _write_abnormality(
         )
 
 
-def _tags(m: Mammogram) -> dict:
+def _tags(m: _Mammogram) -> dict:
     """Header fields shared by a mammogram's files."""
     month, day, year = m.date.split("-")
     return {"laterality": m.side[0], "view": m.view, "study_date": f"{year}{month}{day}"}
 
 
 def _write_mammogram(
-    root: Path, m: Mammogram, size: tuple[int, int], seed: int, index: int
+    root: Path, m: _Mammogram, size: tuple[int, int], seed: int, index: int
 ) -> None:
     rng = np.random.default_rng([seed, index])  # own stream: pixels do not hinge on other images
     counter = itertools.count()
@@ -387,7 +387,7 @@ def _write_mammogram(
             _write_abnormality(root, m, abn, image, mask, uid, rng)
 
 
-def _csv_row(m: Mammogram, abn: Abnormality) -> list:
+def _csv_row(m: _Mammogram, abn: _Abnormality) -> list:
     folder = f"{m.folder}_{abn.n}/{abn.old_uids}"
     first, second = f"{folder}/000000.dcm", f"{folder}/000001.dcm"
     crop, roi = (first, second) if abn.crop_is_first else (second, first)
@@ -399,7 +399,7 @@ def _csv_row(m: Mammogram, abn: Abnormality) -> list:
     return [*head, abn.assessment, abn.pathology, abn.subtlety, image, crop, roi]
 
 
-def _write_csvs(out_dir: Path, plan: list[Mammogram]) -> None:
+def _write_csvs(out_dir: Path, plan: list[_Mammogram]) -> None:
     for collection, split in itertools.product(("Mass", "Calc"), ("Training", "Test")):
         part = "train" if split == "Training" else "test"
         name = f"{collection.lower()}_case_description_{part}_set.csv"
@@ -411,11 +411,12 @@ def _write_csvs(out_dir: Path, plan: list[Mammogram]) -> None:
                     writer.writerows(_csv_row(m, abn) for abn in m.abnormalities)
 
 
-def _summary(plan: list[Mammogram], out_dir: Path, size: tuple[int, int], seed: int) -> dict:
+def _summary(plan: list[_Mammogram], out_dir: Path, size: tuple[int, int], seed: int) -> dict:
     groups = [f"{c}-{s}" for c in ("Mass", "Calc") for s in ("Training", "Test")]
     abns = [(m, a) for m in plan for a in m.abnormalities]
     images = Counter(f"{m.collection}-{m.split}" for m in plan)
     lesions = Counter(f"{m.collection}-{m.split}" for m, _ in abns)
+    written = [a for _, a in abns if a.defect != "missing_roi"]
     return {
         "out_dir": str(out_dir),
         "size": list(size),
@@ -424,13 +425,12 @@ def _summary(plan: list[Mammogram], out_dir: Path, size: tuple[int, int], seed: 
         "mammograms": {g: images[g] for g in groups},
         "abnormalities": {g: lesions[g] for g in groups},
         "pathology": dict(Counter(a.pathology for _, a in abns)),
+        "abnormality_folders_written": len(written),
         "layouts": {
-            "one_series": sum(a.one_series for _, a in abns),
-            "two_series": sum(not a.one_series for _, a in abns),
+            "one_series": sum(a.one_series for a in written),
+            "two_series": sum(not a.one_series for a in written),
         },
-        "masks_without_series_description": sum(
-            a.quirk for _, a in abns if a.defect != "missing_roi"
-        ),
+        "masks_without_series_description": sum(a.quirk for a in written),
         "defects": {
             d: [f"{m.folder}_{a.n}" for m, a in abns if a.defect == d]
             for d in ("mask_size_mismatch", "missing_roi")
@@ -448,7 +448,9 @@ def make_synthetic_dataset(
 ) -> dict:
     """Write out_dir/CBIS-DDSM/ and the four description CSVs; return a summary of what was written.
 
-    Raises FileExistsError if out_dir/CBIS-DDSM exists, ValueError for unusable arguments.
+    The defects need two single-lesion training mammograms; a tiny set may get fewer, and the
+    summary's "defects" lists the folders actually affected. Raises FileExistsError if
+    out_dir/CBIS-DDSM exists, ValueError for unusable arguments.
     """
     out_dir = Path(out_dir)
     if patients < 1 or min(size) < 64:

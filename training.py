@@ -44,8 +44,6 @@ from utils import (
     seed_everything,
 )
 
-# Flags that define the model and its inputs: a resumed run must not change them.
-MODEL_FLAGS = ("backbone", "output_stride", "size", "canonical_flip")
 # Flags that describe this machine, not the run: a resumed run takes them from the command line.
 MACHINE_FLAGS = ("resume", "device", "workers", "checkpoint_dir", "cache_dir", "data_root",
                  "progress")
@@ -66,6 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="preprocessed-image cache, shared by runs with the same size")
     add("--backbone", default="resnet50", choices=SUPPORTED_BACKBONES, help="ResNet encoder")
     add("--output-stride", type=int, default=16, choices=(8, 16), help="encoder output stride")
+    add("--decoder-channels", type=int, default=256,
+        help="width of ASPP and the V3+ decoder (the paper's 256; 64 for quick CPU runs)")
     add("--pretrained", default=None,
         help="ImageNet encoder weights: a local .pth file, or a torchvision weights name "
              "such as IMAGENET1K_V1 (downloads; needs network). Default: random init")
@@ -208,7 +208,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, args,
 def model_config(args) -> dict:
     """Everything needed to rebuild the model and its inputs, in plain types."""
     return {"backbone": args.backbone, "num_classes": NUM_CLASSES, "in_channels": 1,
-            "output_stride": args.output_stride, "size": list(args.size),
+            "output_stride": args.output_stride, "decoder_channels": args.decoder_channels,
+            "size": list(args.size),
             "canonical_flip": args.canonical_flip, "preprocess_version": PREPROCESS_VERSION,
             "class_names": list(CLASS_NAMES)}
 
@@ -292,7 +293,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
 
     config = model_config(args)
     model = build_model(args.backbone, NUM_CLASSES, 1, args.output_stride,
-                        None if checkpoint else args.pretrained).to(device)
+                        None if checkpoint else args.pretrained, args.decoder_channels).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -1,0 +1,305 @@
+"""Segment new mammograms with a trained checkpoint: DICOM or PNG files, or folders of them.
+
+    python predict.py --checkpoint checkpoint/best.pth scans/ extra.png --out predictions
+
+Per image, into --out:
+  <name>_mask.png     uint8 class ids (0 background, 1 benign, 2 mass, 3 calc) at the original size
+  <name>_overlay.png  image | predicted classes blended over it, at most OVERLAY_HEIGHT px tall
+  <name>.json         source, original_size {height, width}, breast_box and flipped (the crop
+                      the model saw), malignancy_score (max of p(mass), p(calc) at training
+                      size) and lesions: class, class_id, score (max abnormality probability),
+                      bbox [x0, y0, x1, y1] (end-exclusive, original pixels), area, centroid [x, y]
+
+The model sees the breast crop at its training size; its probabilities are mapped back through
+the crop and flip with linear interpolation and the class is their argmax, so everything outside
+the crop is background. <name> is the file stem, or where stems repeat (the TCIA tree calls every
+file 1-1.dcm) the path below the input folder with its parts joined by "__".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dataset import (
+    DatasetError,
+    prepare_image,
+    read_dicom_pixels,
+    restore_to_original,
+    scale_intensities,
+)
+from evaluation import load_trained_model, predict_probabilities, resolve_checkpoint
+from metrics import CLASS_NAMES, lesion_candidates
+from report import CLASS_COLOURS, overlay_panel
+from utils import CheckpointError, resolve_device
+
+IMAGE_SUFFIXES = (".dcm", ".png")
+OVERLAY_HEIGHT = 1024
+MALIGNANT_CLASSES = slice(2, 4)  # mass, calc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Segment mammograms (DICOM or 8/16-bit PNG files, or folders searched "
+                    "recursively for *.dcm and *.png) with a trained DeepLabV3+ checkpoint; "
+                    "writes <name>_mask.png, <name>_overlay.png and <name>.json per image. "
+                    "Exit code 0 if any image was processed, 1 if none, 2 on a usage error.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("inputs", nargs="+", type=Path, metavar="INPUT",
+        help="a DICOM or PNG file, or a folder of them (searched recursively)")
+    add("--checkpoint", default="best.pth",
+        help="a checkpoint path, or the name of one inside --checkpoint-dir")
+    add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
+        help="folder searched for --checkpoint names")
+    add("--out", type=Path, default=Path("predictions"),
+        help="output folder (files already in it are overwritten; it is never read as input)")
+    add("--batch-size", type=_positive_int, default=4, help="images per forward pass")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+        help="autocast precision: auto = bf16 on CUDA, none on CPU")
+    add("--min-area", type=_positive_int, default=16,
+        help="predicted components smaller than this many original pixels are dropped from "
+             "the mask, the overlay and the lesion list")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def collect_inputs(paths: list[Path], exclude: Path | None = None) -> list[Path]:
+    """The files to predict, in order, each once: files as given, folders searched recursively
+    (sorted) for *.dcm and *.png outside `exclude` (the output folder, so outputs are not
+    re-read). A path that does not exist raises DatasetError."""
+    excluded = exclude.resolve() if exclude is not None else None
+    files, seen = [], set()
+    for path in paths:
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                           and f.is_file() and excluded not in f.resolve().parents)
+        elif path.is_file():
+            found = [path]
+        else:
+            raise DatasetError(f"no file or folder {path}")
+        for file in found:
+            if file.resolve() not in seen:
+                seen.add(file.resolve())
+                files.append(file)
+    return files
+
+
+def output_names(files: list[Path], roots: list[Path]) -> list[str]:
+    """A distinct, file-system-safe <name> per file (see the module docstring).
+
+    `roots` are the inputs the files were collected from: a repeated stem is replaced by the
+    file's path below the first folder among them that holds it, or by its path as given.
+    """
+    stems = Counter(file.stem for file in files)
+    names, taken = [], set()
+    for file in files:
+        if stems[file.stem] == 1:
+            name = file.stem
+        else:
+            root = next((r for r in roots if r.is_dir() and file.is_relative_to(r)), None)
+            relative = file.relative_to(root) if root else file.relative_to(file.anchor)
+            name = "__".join(p for p in relative.with_suffix("").parts if p != "..")
+        name = re.sub(r"[^\w.-]+", "_", name)
+        unique, k = name, 1
+        while unique.casefold() in taken:  # also distinct on case-insensitive file systems
+            k += 1
+            unique = f"{name}_{k}"
+        taken.add(unique.casefold())
+        names.append(unique)
+    return names
+
+
+def _decode_png(path: Path) -> np.ndarray | None:
+    data = np.fromfile(path, np.uint8)
+    level = cv2.getLogLevel()
+    cv2.setLogLevel(0)  # the reason goes into our one-line report, not OpenCV's log lines
+    try:
+        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    finally:
+        cv2.setLogLevel(level)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """The 2-D grayscale pixels of a DICOM or PNG (8/16-bit; colour is converted to grey);
+    any other suffix is read as DICOM. Raises DatasetError naming the file and the reason."""
+    if path.suffix.lower() == ".png":
+        try:
+            image = _decode_png(path)
+        except (OSError, cv2.error) as error:
+            raise DatasetError(f"cannot read PNG {path}: {error}") from error
+        if image is None:
+            raise DatasetError(f"cannot read PNG {path}: not a PNG image or damaged")
+        if image.ndim == 3 and image.shape[2] in (3, 4):
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if image.shape[2] == 3
+                                 else cv2.COLOR_BGRA2GRAY)
+    else:
+        image = read_dicom_pixels(path)
+    if image.ndim != 2:
+        raise DatasetError(f"{path} is not a single grayscale image (pixels {image.shape})")
+    return image
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _display_image(image: np.ndarray) -> np.ndarray:
+    """The image at most OVERLAY_HEIGHT tall, windowed to [0, 1] for viewing."""
+    height, width = image.shape
+    if height > OVERLAY_HEIGHT:
+        scale = OVERLAY_HEIGHT / height
+        image = cv2.resize(image, (max(1, round(width * scale)), OVERLAY_HEIGHT),
+                           interpolation=cv2.INTER_AREA)
+    return scale_intensities(image).astype(np.float32) / 65535
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    path.write_bytes(encoded.tobytes())
+
+
+@dataclass
+class _Loaded:
+    path: Path
+    name: str
+    image: np.ndarray  # uint16 at training size, as the model was trained on
+    meta: dict  # prepare_image's geometry
+    display: np.ndarray  # small float copy for the overlay
+
+
+def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -> dict:
+    """Mask, overlay and JSON of one image from its (C, H, W) training-size probabilities;
+    returns the JSON's content."""
+    restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), item.meta,
+                                   cv2.INTER_LINEAR)
+    # Outside the crop every probability is 0, so the argmax there is background.
+    mask = restored.argmax(-1).astype(np.uint8)
+    lesions = []
+    for candidate in lesion_candidates(1 - restored[..., 0], mask):
+        x0, y0, x1, y1 = candidate.bbox
+        if candidate.area < min_area:
+            mask[y0:y1, x0:x1][candidate.mask] = 0
+            continue
+        lesions.append({"class": CLASS_NAMES[candidate.cls], "class_id": candidate.cls,
+                        "score": round(candidate.score, 4), "bbox": [x0, y0, x1, y1],
+                        "area": candidate.area,
+                        "centroid": [round(v, 1) for v in candidate.centroid]})
+    lesions.sort(key=lambda lesion: -lesion["score"])
+    _write_png(out / f"{item.name}_mask.png", mask)
+
+    height, width = mask.shape
+    small_h, small_w = item.display.shape
+    small_mask = cv2.resize(mask, (small_w, small_h), interpolation=cv2.INTER_NEAREST)
+    panel = overlay_panel(item.display, small_mask)
+    scale, offset = small_w / width, small_w + 4
+    for lesion in lesions:  # boxes keep lesions too small to survive the downscale visible
+        x0, y0, x1, y1 = (round(v * scale) for v in lesion["bbox"])
+        cv2.rectangle(panel, (offset + x0, y0), (offset + max(x0, x1 - 1), max(y0, y1 - 1)),
+                      CLASS_COLOURS[lesion["class_id"]].tolist(), 1)
+    _write_png(out / f"{item.name}_overlay.png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+
+    y0, y1, x0, x1 = item.meta["box"]
+    record = {"source": str(item.path.absolute()), "name": item.name,
+              "original_size": {"height": height, "width": width},
+              "breast_box": [x0, y0, x1, y1], "flipped": item.meta["flipped"],
+              "malignancy_score": round(float(probs[MALIGNANT_CLASSES].max()), 4),
+              "lesions": lesions}
+    (out / f"{item.name}.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Summary:
+    records: list[dict] = field(default_factory=list)  # the JSON of every image written
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+
+
+def predict_files(files: list[Path], names: list[str], model: nn.Module, config: dict,
+                  out: Path, device: torch.device, *, batch_size: int = 4, amp: str = "auto",
+                  min_area: int = 16, progress: bool = True) -> Summary:
+    """Predict every file in batches and write its outputs as <name>_* into out; files that
+    cannot be read are reported on stderr (one line each) and skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    size = tuple(config["size"])
+    summary = Summary()
+    todo = list(zip(files, names, strict=True))
+    bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = []
+        for path, name in todo[start:start + batch_size]:
+            try:
+                image = load_image(path)
+            except DatasetError as error:
+                reason = " ".join(str(error).split())  # one line, whatever the reader said
+                summary.skipped.append((path, reason))
+                tqdm.write(f"skipped: {reason}", file=sys.stderr)
+                bar.update()
+                continue
+            prepared, meta = prepare_image(image, size, config["canonical_flip"])
+            batch.append(_Loaded(path, name, prepared, meta, _display_image(image)))
+        if not batch:
+            continue
+        images = torch.from_numpy(np.stack([item.image for item in batch]).astype(np.float32)
+                                  / 65535).unsqueeze(1)
+        for item, probs in zip(batch, predict_probabilities(model, images, device, amp),
+                               strict=True):
+            summary.records.append(_write_outputs(item, probs, out, min_area))
+            bar.update()
+    bar.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        files = collect_inputs(args.inputs, exclude=args.out)
+        checkpoint = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
+        device = resolve_device(args.device)
+        model, config = load_trained_model(checkpoint, device)
+    except (CheckpointError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no .dcm or .png files in {', '.join(map(str, args.inputs))}",
+              file=sys.stderr)
+        return 1
+    summary = predict_files(files, output_names(files, args.inputs), model, config, args.out,
+                            device, batch_size=args.batch_size, amp=args.amp,
+                            min_area=args.min_area, progress=args.progress)
+    print(f"{len(summary.records)} of {len(files)} images predicted into {args.out}, "
+          f"{len(summary.skipped)} skipped as unreadable")
+    return 0 if summary.records else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

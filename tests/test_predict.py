@@ -1,0 +1,194 @@
+"""predict.py on synthetic DICOM and PNG files with untrained tiny checkpoints (CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import dataset
+import model
+import predict
+from metrics import CLASS_NAMES
+from synthetic import write_dicom
+
+LESION_KEYS = {"class", "class_id", "score", "bbox", "area", "centroid"}
+RECORD_KEYS = {"source", "name", "original_size", "breast_box", "flipped", "malignancy_score",
+               "lesions"}
+
+
+def save_checkpoint(path: Path, kind: str) -> Path:
+    """An untrained resnet18 checkpoint at 64x48. "mass" outputs a constant malignant mass, so
+    the expected mask is exactly the breast crop box; "patchwork" has its random logits
+    sharpened into a mix of classes and components of many sizes."""
+    torch.manual_seed(1)
+    net = model.build_model("resnet18", 4, 1, 16)
+    with torch.no_grad():
+        if kind == "mass":
+            net.classifier.weight.zero_()
+            net.classifier.bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
+        else:
+            net.classifier.weight.mul_(30)
+    # net.config: backbone, classes, channels, stride... whatever build_model takes
+    config = {**net.config, "size": [64, 48], "canonical_flip": True,
+              "preprocess_version": dataset.PREPROCESS_VERSION, "class_names": list(CLASS_NAMES)}
+    torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return {kind: save_checkpoint(folder / f"{kind}.pth", kind) for kind in ("mass", "patchwork")}
+
+
+def mammogram(height: int, width: int, chest_wall_right: bool, seed: int = 0) -> np.ndarray:
+    """A bright half-ellipse breast against its chest wall on a dark, noisy background."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width]
+    wall = width - 1 if chest_wall_right else 0
+    breast = ((y - height / 2) / (0.42 * height)) ** 2 + ((x - wall) / (0.8 * width)) ** 2 < 1
+    image = rng.normal(400, 50, (height, width))
+    image[breast] = rng.normal(30000, 3000, int(breast.sum()))
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    """A TCIA-like tree (two 1-1.dcm, one corrupt DICOM, a 16-bit PNG) and a colour PNG."""
+    scans = tmp_path / "scans"
+    paths = {
+        "left": scans / "Calc-Test_P_00001_LEFT_CC" / "08-29-2017-DDSM-1"
+        / "1.000000-full mammogram images-1" / "1-1.dcm",
+        "right": scans / "Mass-Test_P_00002_RIGHT_MLO" / "08-29-2017-DDSM-2"
+        / "1.000000-full mammogram images-2" / "1-1.dcm",
+        "corrupt": scans / "broken" / "1-3.dcm",
+        "png16": scans / "pngs" / "scan16.png",
+        "colour": tmp_path / "colour.png",
+    }
+    write_dicom(paths["left"], mammogram(200, 120, False, 1), patient_id="P_00001",
+                series_description="full mammogram images")
+    write_dicom(paths["right"], mammogram(200, 120, True, 2), patient_id="P_00002",
+                series_description="full mammogram images")
+    paths["corrupt"].parent.mkdir(parents=True)
+    paths["corrupt"].write_bytes(b"not a DICOM file")
+    paths["png16"].parent.mkdir(parents=True)
+    cv2.imwrite(str(paths["png16"]), mammogram(150, 90, True, 3))
+    grey8 = (mammogram(90, 70, False, 4) // 256).astype(np.uint8)
+    cv2.imwrite(str(paths["colour"]), np.repeat(grey8[..., None], 3, axis=-1))
+    return paths
+
+
+def run(checkpoint: Path, out: Path, *paths: Path, extra: tuple[str, ...] = ()) -> int:
+    return predict.main(["--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+                         "--batch-size", "3", "--no-progress", *extra, *map(str, paths)])
+
+
+def read_outputs(out: Path) -> dict[str, tuple[dict, np.ndarray, np.ndarray]]:
+    """Source path -> (record, mask, overlay) for every JSON written."""
+    outputs = {}
+    for path in out.glob("*.json"):
+        record = json.loads(path.read_text())
+        mask = cv2.imread(str(out / f"{record['name']}_mask.png"), cv2.IMREAD_UNCHANGED)
+        overlay = cv2.imread(str(out / f"{record['name']}_overlay.png"), cv2.IMREAD_UNCHANGED)
+        outputs[record["source"]] = record, mask, overlay
+    return outputs
+
+
+def test_predicts_at_original_size_and_skips_unreadable_files(checkpoints, inputs, tmp_path,
+                                                              capsys):
+    out = tmp_path / "predictions"
+    assert run(checkpoints["mass"], out, inputs["left"].parents[3], inputs["colour"]) == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and str(inputs["corrupt"]) in skipped[0]
+    assert "4 of 5 images" in captured.out and "1 skipped" in captured.out
+
+    outputs = read_outputs(out)
+    assert set(outputs) == {str(inputs[k]) for k in ("left", "right", "png16", "colour")}
+    sizes = {"left": (200, 120), "right": (200, 120), "png16": (150, 90), "colour": (90, 70)}
+    for key, (height, width) in sizes.items():
+        record, mask, overlay = outputs[str(inputs[key])]
+        assert set(record) == RECORD_KEYS
+        assert record["original_size"] == {"height": height, "width": width}
+        assert mask.dtype == np.uint8 and mask.shape == (height, width)
+        assert overlay.shape == (height, 2 * width + 4, 3)  # image | prediction
+        # Constant "mass" output: mass exactly inside the crop box, background outside.
+        x0, y0, x1, y1 = record["breast_box"]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        expected = np.zeros((height, width), np.uint8)
+        expected[y0:y1, x0:x1] = 2
+        np.testing.assert_array_equal(mask, expected)
+        [lesion] = record["lesions"]
+        assert set(lesion) == LESION_KEYS
+        assert lesion["class"] == "mass" and lesion["class_id"] == 2
+        assert lesion["bbox"] == [x0, y0, x1, y1] and lesion["area"] == (x1 - x0) * (y1 - y0)
+        assert lesion["score"] > 0.99 and record["malignancy_score"] > 0.99
+    assert outputs[str(inputs["right"])][0]["flipped"]
+    assert not outputs[str(inputs["left"])][0]["flipped"]
+
+
+def test_small_components_leave_mask_and_lesion_list_together(checkpoints, inputs, tmp_path):
+    files = [inputs[k] for k in ("left", "right", "png16")]
+    assert run(checkpoints["patchwork"], tmp_path / "all", *files, extra=("--min-area", "1")) == 0
+    assert run(checkpoints["patchwork"], tmp_path / "big", *files, extra=("--min-area", "40")) == 0
+    every, big = read_outputs(tmp_path / "all"), read_outputs(tmp_path / "big")
+    for source, (record, mask, _) in big.items():
+        assert set(np.unique(mask)) <= {0, 1, 2, 3}
+        height, width = mask.shape
+        count, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8),
+                                                              connectivity=8)
+        assert (stats[1:, cv2.CC_STAT_AREA] >= 40).all()
+        assert len(record["lesions"]) == count - 1
+        for lesion in record["lesions"]:
+            x0, y0, x1, y1 = lesion["bbox"]
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+            assert lesion["class"] in CLASS_NAMES[1:] and 0 <= lesion["score"] <= 1
+            assert (mask[y0:y1, x0:x1] > 0).sum() >= lesion["area"] >= 40
+        # Dropping a component only clears its pixels: the rest of the mask is unchanged.
+        all_mask = every[source][1]
+        np.testing.assert_array_equal(mask[mask > 0], all_mask[mask > 0])
+    dropped = sum(len(every[s][0]["lesions"]) - len(big[s][0]["lesions"]) for s in big)
+    assert dropped > 0 and sum(len(record["lesions"]) for record, _, _ in big.values()) >= 3
+
+
+def test_files_named_alike_get_distinct_names(tmp_path):
+    root = tmp_path / "scans"
+    files = [root / "Calc-Test_P_1_LEFT_CC" / "a b" / "1-1.dcm",
+             root / "Mass-Test_P_2_LEFT_CC" / "c" / "1-1.dcm",
+             root / "other.png", tmp_path / "x" / "1-1.dcm", tmp_path / "y" / "1-1.dcm"]
+    for file in files:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.touch()
+    names = predict.output_names(files, [root, *files[3:]])
+    assert names[:3] == ["Calc-Test_P_1_LEFT_CC__a_b__1-1", "Mass-Test_P_2_LEFT_CC__c__1-1",
+                         "other"]
+    assert len({name.casefold() for name in names}) == len(files)
+
+
+def test_collect_inputs_searches_folders_once_and_not_the_output_folder(inputs, tmp_path):
+    scans = inputs["left"].parents[3]
+    out = scans / "predictions"
+    out.mkdir()
+    (out / "old_mask.png").touch()
+    files = predict.collect_inputs([scans, inputs["left"], inputs["colour"]], exclude=out)
+    assert set(files) == {inputs[k] for k in ("left", "right", "corrupt", "png16", "colour")}
+    assert len(files) == 5
+    with pytest.raises(dataset.DatasetError, match="no file or folder"):
+        predict.collect_inputs([tmp_path / "missing"])
+
+
+def test_usage_errors_exit_2_and_nothing_readable_exits_1(checkpoints, inputs, tmp_path,
+                                                          capsys):
+    out = tmp_path / "predictions"
+    assert run(tmp_path / "missing.pth", out, inputs["left"]) == 2
+    assert run(checkpoints["mass"], out, tmp_path / "no_such_scan.dcm") == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert not out.exists()
+    assert run(checkpoints["mass"], out, inputs["corrupt"]) == 1
+    assert "0 of 1 images" in capsys.readouterr().out
