@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= data/synthetic
-DEMO_FLAGS ?= --backbone resnet18 --size 256 160 --epochs 14 --batch-size 8 --lr 1e-3 --workers 2
+DEMO_FLAGS ?= --backbone resnet18 --decoder-channels 64 --size 256 160 --epochs 20 --batch-size 8 \
+              --lr 1e-3 --workers 2
 
 .PHONY: demo test lint benchmark clean
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 demo: $(VENV)/.installed
 	$(PY) synthetic.py --out $(DATA) --overwrite
-	$(PY) main_retrieval.py --data-root $(DATA) --out-dir csv
+	$(PY) main_retrieval.py --data-root $(DATA) --out-dir csv --val-fraction 0.2
 	rm -f checkpoint/*.pth checkpoint/log.csv
 	$(PY) Train_deep_labv3+.py --csv-dir csv --checkpoint-dir checkpoint $(DEMO_FLAGS)
 	$(PY) Test_deep_labV3+.py --checkpoint checkpoint/best.pth --csv csv/test.csv --out results/demo

@@ -65,8 +65,10 @@ def dice_iou(stats: np.ndarray, weights: np.ndarray | None = None) -> dict[str, 
     """Per-class Dice and IoU over a set, from `stats` (N, C, 3) of `segmentation_stats`.
 
     Returns arrays of length C:
-    - `dice_pooled`, `iou_pooled`: from the pixel counts summed over all images; NaN where a class
-      is neither predicted nor true anywhere. False positives on images that lack the class count.
+    - `dice_pooled`, `iou_pooled`: from the pixel counts summed over all images; NaN where no
+      image's truth has the class (Dice is undefined there; its false positives still show in
+      the confusion matrix and detection FPs, and a bootstrap resample without the class is left
+      out rather than scored 0). False positives on images that lack the class count.
     - `dice_mean`, `iou_mean`: mean of the per-image scores over the images whose truth contains
       the class; images without the class in their truth are left out of that class's mean, so
       false positives on them do not lower it (the pooled figure and the detection FPs do count
@@ -82,8 +84,8 @@ def dice_iou(stats: np.ndarray, weights: np.ndarray | None = None) -> dict[str, 
     iou_img = _ratio(inter, pred + true - inter)
     n_with = w @ has
     return {
-        "dice_pooled": _ratio(2 * tot_i, tot_p + tot_t),
-        "iou_pooled": _ratio(tot_i, tot_p + tot_t - tot_i),
+        "dice_pooled": np.where(tot_t > 0, _ratio(2 * tot_i, tot_p + tot_t), np.nan),
+        "iou_pooled": np.where(tot_t > 0, _ratio(tot_i, tot_p + tot_t - tot_i), np.nan),
         # where(has, ..., 0) drops the NaNs of images that lack the class before summing
         "dice_mean": _ratio(w @ np.where(has, dice_img, 0.0), n_with),
         "iou_mean": _ratio(w @ np.where(has, iou_img, 0.0), n_with),
@@ -100,10 +102,10 @@ def lesion_stats(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def pooled_dice(stats: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Dice from (N, 3) [intersection, predicted, true] counts summed over images (pixel-pooled);
-    NaN when nothing is predicted or true anywhere."""
+    NaN when nothing is true anywhere (see dice_iou)."""
     stats = np.asarray(stats)
     inter, pred, true = _weights(weights, stats.shape[0]) @ stats
-    return float(_ratio(2 * inter, pred + true))
+    return float(_ratio(2 * inter, pred + true)) if true > 0 else float("nan")
 
 
 # ---------------------------------------------------------------- lesion detection

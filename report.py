@@ -13,6 +13,7 @@ import pandas as pd
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+FROC_XLIM = (0.01, 8.0)  # false positives per image shown on the FROC plot
 # One colour per class (RGB): background, benign green, malignant mass red, malignant calc yellow.
 CLASS_COLOURS = np.array([[0, 0, 0], [40, 200, 60], [230, 40, 40], [250, 210, 30]], np.uint8)
 
@@ -58,8 +59,11 @@ def write_plots(results: dict, out: Path, log_path: Path) -> list[Path]:
     for label, key in (("IoU criterion", next(k for k in detection if k.startswith("iou"))),
                        ("centre criterion", "centre_inside_roi")):
         curve = detection[key]["curve"]
-        ax.step(curve["curve_fppi"], curve["curve_sensitivity"], where="post", label=label)
-    ax.set(xscale="log", xlim=(0.1, 8), ylim=(0, 1.02), xlabel="false positives per image",
+        # A log axis has no 0: start at the left edge and carry the last point to the right.
+        fppi = np.clip([*curve["curve_fppi"], FROC_XLIM[1]], FROC_XLIM[0], None)
+        sensitivity = [*curve["curve_sensitivity"], curve["curve_sensitivity"][-1]]
+        ax.step(fppi, sensitivity, where="post", label=label)
+    ax.set(xscale="log", xlim=FROC_XLIM, ylim=(0, 1.02), xlabel="false positives per image",
            ylabel="lesion sensitivity", title="FROC")
     ax.legend(loc="lower right")
     written.append(_save(fig, out / "froc.png"))

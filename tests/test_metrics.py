@@ -81,6 +81,11 @@ def test_dice_iou_weights_equal_repetition():
     # weight 0 drops B: its class-2 false positives no longer count
     only_a = metrics.dice_iou(stats, weights=np.array([1, 0]))
     assert only_a["dice_pooled"][2] == pytest.approx(2 / 3)
+    # B alone has class-2 predictions but no class-2 truth: pooled Dice is undefined, not 0,
+    # so a bootstrap resample without the class is left out instead of scoring 0
+    only_b = metrics.dice_iou(stats, weights=np.array([0, 1]))
+    assert np.isnan(only_b["dice_pooled"][2]) and np.isnan(only_b["iou_pooled"][2])
+    assert np.isnan(metrics.pooled_dice(np.array([[0, 5, 0]])))
 
 
 def test_lesion_stats_and_pooled_dice():
