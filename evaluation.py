@@ -36,7 +36,13 @@ from dataset import (
 from metrics import CLASS_NAMES
 from model import build_model
 from training import autocast_for
-from utils import CheckpointError, load_checkpoint, resolve_device
+from utils import (
+    CheckpointError,
+    HelpFormatter,
+    add_device_flags,
+    load_checkpoint,
+    resolve_device,
+)
 
 FP_RATES = (0.125, 0.25, 0.5, 1, 2, 4)
 
@@ -45,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a DeepLabV3+ checkpoint: Dice/IoU, lesion FROC, malignancy AUC "
                     "with patient-bootstrap CIs; writes metrics.json, per_image.csv and plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--checkpoint", default="best.pth",
         help="a checkpoint path, or the name of one inside --checkpoint-dir")
@@ -59,9 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--cache-dir", type=Path, default=Path("cache"), help="preprocessed-image cache")
     add("--batch-size", type=int, default=4, help="images per forward pass")
     add("--workers", type=int, default=2, help="DataLoader workers and cache builders")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-        help="autocast precision: auto = bf16 on CUDA, none on CPU")
+    add_device_flags(parser)
     add("--iou-threshold", type=float, default=0.2,
         help="a detected region hits an ROI when their IoU is at least this")
     add("--malignancy-threshold", type=float, default=0.5,

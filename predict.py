@@ -42,7 +42,7 @@ from dataset import (
 from evaluation import load_trained_model, predict_probabilities, resolve_checkpoint
 from metrics import CLASS_NAMES, lesion_candidates
 from report import CLASS_COLOURS, overlay_panel
-from utils import CheckpointError, resolve_device
+from utils import CheckpointError, HelpFormatter, add_device_flags, resolve_device
 
 IMAGE_SUFFIXES = (".dcm", ".png")
 OVERLAY_HEIGHT = 1024
@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "recursively for *.dcm and *.png) with a trained DeepLabV3+ checkpoint; "
                     "writes <name>_mask.png, <name>_overlay.png and <name>.json per image. "
                     "Exit code 0 if any image was processed, 1 if none, 2 on a usage error.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("inputs", nargs="+", type=Path, metavar="INPUT",
         help="a DICOM or PNG file, or a folder of them (searched recursively)")
@@ -76,9 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--out", type=Path, default=Path("predictions"),
         help="output folder (files already in it are overwritten; it is never read as input)")
     add("--batch-size", type=_positive_int, default=4, help="images per forward pass")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-        help="autocast precision: auto = bf16 on CUDA, none on CPU")
+    add_device_flags(parser)
     add("--min-area", type=_positive_int, default=16,
         help="predicted components smaller than this many original pixels are dropped from "
              "the mask, the overlay and the lesion list")

@@ -32,6 +32,8 @@ from model import SUPPORTED_BACKBONES, build_model
 from utils import (
     CheckpointError,
     DistInfo,
+    HelpFormatter,
+    add_device_flags,
     all_reduce_sum,
     append_csv_row,
     barrier,
@@ -53,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train DeepLabV3+ on the retrieval CSVs (4 classes: background, benign, "
                     "malignant mass, malignant calcification).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--csv-dir", type=Path, default=Path("csv"), help="folder with train.csv and val.csv")
     add("--data-root", type=Path, default=None,
@@ -85,9 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="turn off flips, affine and intensity augmentation")
     add("--workers", type=int, default=4,
         help="DataLoader workers per process, also used to build the cache")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-        help="autocast precision: auto = bf16 on CUDA, none on CPU")
+    add_device_flags(parser)
     add("--compile", action="store_true", help="torch.compile the model")
     add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
         help="continue a run: from CHECKPOINT, or checkpoint-dir/last.pth when no path is given; "

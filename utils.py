@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import random
@@ -69,6 +70,25 @@ def append_csv_row(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only where a default says something (not for None or switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """--device and --amp, the same for every script that runs the model."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                        help="autocast precision: auto = bf16 on CUDA, none on CPU")
 
 
 # ----------------------------------------------------------------------------- randomness, devices

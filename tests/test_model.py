@@ -38,7 +38,17 @@ def test_output_shape_every_backbone(backbone: str) -> None:
     with torch.no_grad():
         out = model(torch.randn(1, 1, H, W))
     assert out.shape == (1, 4, H, W)
-    assert model.config == dict(backbone=backbone, num_classes=4, in_channels=1, output_stride=16)
+    assert model.config == dict(backbone=backbone, num_classes=4, in_channels=1, output_stride=16,
+                                decoder_channels=256)
+
+
+def test_decoder_width_is_a_flag_away() -> None:
+    model = build_model("resnet18", decoder_channels=64)
+    assert model.aspp.project[0].out_channels == 64
+    assert model.decoder.fuse[-1][0].out_channels == 64 and model.classifier.in_channels == 64
+    assert model.decoder.low_level[0].out_channels == 48  # the V3+ low-level projection stays
+    out = model.train()(torch.randn(2, 1, H, W))
+    assert out.shape == (2, 4, H, W)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
