@@ -278,7 +278,6 @@ def _atomic_save(path: Path, write) -> None:
 
 
 def _build_entry(cache: PreprocessCache, mammogram: Mammogram) -> tuple[dict | None, str | None]:
-    cv2.setNumThreads(1)
     try:
         return cache.build(mammogram), None
     except DatasetError as error:
@@ -306,7 +305,9 @@ def prepare_cache(cache: PreprocessCache, mammograms: list[Mammogram], workers: 
         return report
     bar = tqdm(total=len(todo), desc="preprocessing (once)", unit="img", disable=not progress)
     if workers > 0:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        # One OpenCV thread per process: the processes already use every core.
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                   initializer=cv2.setNumThreads, initargs=(1,))
         results = pool.map(_build_entry, [cache] * len(todo), todo, chunksize=4)
     else:
         pool, results = None, (_build_entry(cache, m) for m in todo)
@@ -331,7 +332,11 @@ def prepare_cache(cache: PreprocessCache, mammograms: list[Mammogram], workers: 
 
 
 class MammogramDataset(Dataset):
-    """(image float32 [1, H, W] in [0, 1], mask int64 [H, W], index) per mammogram."""
+    """(image uint16 [1, H, W], mask uint8 [H, W], index) per mammogram.
+
+    Samples stay in their compact cache types (a quarter of float32/int64's bytes through the
+    DataLoader and to the device); unit_range converts images on the device.
+    """
 
     def __init__(self, mammograms: list[Mammogram], cache: PreprocessCache) -> None:
         self.mammograms = list(mammograms)
@@ -358,14 +363,18 @@ class MammogramDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image, mask = self.cache.load(self.mammograms[index])
-        image = torch.from_numpy(image.astype(np.float32) / 65535).unsqueeze(0)
-        return image, torch.from_numpy(mask.astype(np.int64)), index
+        return torch.from_numpy(image).unsqueeze(0), torch.from_numpy(mask), index
 
     def meta(self, index: int) -> dict:
         return self.cache.meta(self.mammograms[index])
 
 
 # ----------------------------------------------------------------------------- augmentation
+
+
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint16 images (as cached) -> float32 in [0, 1]."""
+    return images.float().div_(65535)
 
 
 def normalize_input(images: torch.Tensor) -> torch.Tensor:
@@ -377,7 +386,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random vertical flip, small affine and contrast/gamma, batched on the images' device.
 
-    images (N, 1, H, W) in [0, 1]; masks (N, H, W) int64, warped with nearest neighbour.
+    images (N, 1, H, W) float in [0, 1]; masks (N, H, W) uint8, warped with nearest neighbour.
     Random draws come from `generator` (CPU) so a resumed run replays the same augmentations.
     """
     n, _, height, width = images.shape
@@ -397,11 +406,13 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
         torch.stack([sin / aspect * flip, cos * flip, shift_y], dim=1),
     ], dim=1).to(images.device)  # fmt: skip
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Bilinear weights sum to 1 and padding is 0, so warped images stay in [0, 1].
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)
     masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                          align_corners=False)[:, 0].long()
+                          align_corners=False)[:, 0].to(torch.uint8)
     gamma = torch.exp(uniform(-0.3, 0.3)).to(images.device).view(n, 1, 1, 1)
     contrast = uniform(0.85, 1.15).to(images.device).view(n, 1, 1, 1)
-    images = ((images.clamp(0, 1) ** gamma - 0.5) * contrast + 0.5).clamp(0, 1)
+    # In place: at 1024x640 every extra full-size temporary costs as much as the warp.
+    images.pow_(gamma).sub_(0.5).mul_(contrast).add_(0.5).clamp_(0, 1)
     return images, masks

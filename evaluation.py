@@ -32,6 +32,7 @@ from dataset import (
     normalize_input,
     read_roi_masks,
     restore_to_original,
+    unit_range,
 )
 from metrics import CLASS_NAMES
 from model import build_model
@@ -111,9 +112,9 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dic
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
                           amp: str = "auto") -> np.ndarray:
-    """Softmax probabilities (N, C, H, W) float32 on the CPU for images in [0, 1]."""
+    """Softmax probabilities (N, C, H, W) float32 on the CPU for uint16 images."""
     with autocast_for(device, amp):
-        logits = model(normalize_input(images.to(device)))
+        logits = model(normalize_input(unit_range(images.to(device))))
     return logits.float().softmax(1).cpu().numpy()
 
 
@@ -293,8 +294,8 @@ def run(args) -> dict:
             acc.rows.append({"img_path": mammogram.img_path, "patient_id": mammogram.patient_id,
                              "collection": mammogram.collection, **row})
             if len(overlays) < args.overlays:
-                overlays.append((Path(mammogram.img_path).parts[-4], image[0].numpy(),
-                                 mask.numpy(), prob.argmax(0)))
+                overlays.append((Path(mammogram.img_path).parts[-4],
+                                 unit_range(image[0]).numpy(), mask.numpy(), prob.argmax(0)))
             bar.update()
     bar.close()
     table = pd.DataFrame(acc.rows)

@@ -267,8 +267,7 @@ def predict_files(files: list[Path], names: list[str], model: nn.Module, config:
             batch.append(_Loaded(path, name, prepared, meta, _display_image(image)))
         if not batch:
             continue
-        images = torch.from_numpy(np.stack([item.image for item in batch]).astype(np.float32)
-                                  / 65535).unsqueeze(1)
+        images = torch.from_numpy(np.stack([item.image for item in batch])).unsqueeze(1)
         for item, probs in zip(batch, predict_probabilities(model, images, device, amp),
                                strict=True):
             summary.records.append(_write_outputs(item, probs, out, min_area))

@@ -26,6 +26,7 @@ from dataset import (
     MammogramDataset,
     augment_batch,
     normalize_input,
+    unit_range,
 )
 from metrics import CLASS_NAMES
 from model import SUPPORTED_BACKBONES, build_model
@@ -105,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - mean soft Dice over the foreground classes, pooled over the batch."""
     probs = logits.float().softmax(dim=1)[:, 1:]
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    one_hot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
     dims = (0, 2, 3)
     intersection = (probs * one_hot).sum(dims)
     total = probs.sum(dims) + one_hot.sum(dims)
@@ -114,7 +115,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
                       dice_weight: float = 1.0) -> torch.Tensor:
-    """Cross-entropy plus soft Dice: lesions are under 2% of the pixels."""
+    """Cross-entropy plus soft Dice: lesions are under 2% of the pixels. target: class ids."""
+    target = target.long()
     return F.cross_entropy(logits.float(), target) + dice_weight * soft_dice_loss(logits, target)
 
 
@@ -143,7 +145,8 @@ def autocast_for(device: torch.device, amp: str):
 
 def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(device, non_blocking=True)
+    """A batch as the dataset gives it (uint16, uint8) -> float images in [0, 1] on device."""
+    images = unit_range(images.to(device, non_blocking=True))
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, masks.to(device, non_blocking=True)
@@ -157,7 +160,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     channels_last = device.type == "cuda"
     loss_sum = torch.zeros(2, device=device)
     bar = tqdm(loader, desc="train", leave=False, disable=not (args.progress and dist_info.is_main))
-    for images, masks, _ in bar:
+    for step, (images, masks, _) in enumerate(bar):
         images, masks = to_device(images, masks, device, channels_last)
         if args.augment:
             images, masks = augment_batch(images, masks, generator)
@@ -171,7 +174,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         scheduler.step()
         loss_sum[0] += loss.detach() * len(images)
         loss_sum[1] += len(images)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not bar.disable and step % 10 == 0:  # .item() waits for the device: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     loss_sum = all_reduce_sum(loss_sum)
     return (loss_sum[0] / loss_sum[1]).item()
 

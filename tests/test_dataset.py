@@ -64,8 +64,8 @@ def test_cache_hit_means_no_second_decode(csv_dir, tmp_path, monkeypatch):
     for (image_a, mask_a, _), (image_b, mask_b, _) in zip(first, second, strict=True):
         assert torch.equal(image_a, image_b) and torch.equal(mask_a, mask_b)
     image, mask, _ = first[0]
-    assert image.shape == (1, *SIZE) and image.dtype == torch.float32
-    assert image.min() >= 0 and image.max() <= 1 and mask.dtype == torch.int64
+    assert image.shape == (1, *SIZE) and image.dtype == torch.uint16
+    assert mask.shape == SIZE and mask.dtype == torch.uint8 and mask.max() <= 3
     # A new dataset object (a later run) hits the same cache.
     again = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
     assert again.prepare(progress=False).cached == len(again)
@@ -148,7 +148,7 @@ def test_prediction_maps_back_through_crop_and_flip(chest_wall_right):
 
 def test_augmentation_keeps_labels_and_is_seeded():
     images = torch.rand(3, 1, 40, 24)
-    masks = torch.randint(0, 4, (3, 40, 24))
+    masks = torch.randint(0, 4, (3, 40, 24), dtype=torch.uint8)
     out_a = augment_batch(images, masks, torch.Generator().manual_seed(1))
     out_b = augment_batch(images, masks, torch.Generator().manual_seed(1))
     assert torch.equal(out_a[0], out_b[0]) and torch.equal(out_a[1], out_b[1])

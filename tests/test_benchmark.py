@@ -1,0 +1,23 @@
+"""benchmark.py end to end in its smallest configuration (CPU, tiny sizes, one step each)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import benchmark
+
+
+def test_benchmark_writes_the_three_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--size", "64", "64", "--batch-size", "2", "--backbone", "resnet18",
+            "--dicom-size", "240", "150", "--images", "2", "--warmup", "1", "--steps", "1",
+            "--repeats", "1", "--workers", "0", "--work-dir", str(tmp_path), "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    results = json.loads(out.read_text())
+    for key in ("data_path_speedup", "model_step_speedup", "end_to_end_fraction"):
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0
+    assert results["device"] == "cpu"
+    assert results["settings"]["backbone"] == "resnet18"
+    assert "model step" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # temporary data removed
