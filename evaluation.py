@@ -118,6 +118,17 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.
     return logits.float().softmax(1).cpu().numpy()
 
 
+def predict_at_original(probs: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(class map uint8, abnormality probability) at the original mammogram's pixels.
+
+    Probabilities (C, H, W) at training size are interpolated back through the breast crop and
+    flip; outside the crop every probability is 0, so the argmax there is background.
+    """
+    restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), meta,
+                                   cv2.INTER_LINEAR)
+    return restored.argmax(-1).astype(np.uint8), 1 - restored[..., 0]
+
+
 # ----------------------------------------------------------------------------- per image
 
 
@@ -148,16 +159,13 @@ def evaluate_image(acc: Accumulator, probs: np.ndarray, mask_low: np.ndarray, me
     acc.stats_low.append(metrics.segmentation_stats(pred_low, mask_low, num_classes))
     acc.add_confusion("confusion_low", metrics.confusion_matrix(pred_low, mask_low, num_classes))
 
-    restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), meta,
-                                   cv2.INTER_LINEAR)
-    restored[restored.sum(-1) == 0, 0] = 1  # outside the breast crop: background
-    pred = restored.argmax(-1)
+    pred, abnormality = predict_at_original(probs, meta)
     truth = merge_masks(roi_masks, class_ids)
     stats = metrics.segmentation_stats(pred, truth, num_classes)
     acc.stats.append(stats)
     acc.lesion.append(metrics.lesion_stats(pred, truth))
     acc.add_confusion("confusion", metrics.confusion_matrix(pred, truth, num_classes))
-    candidates = metrics.lesion_candidates(1 - restored[..., 0], pred)
+    candidates = metrics.lesion_candidates(abnormality, pred)
     detections = metrics.match_candidates(candidates, roi_masks, class_ids, iou_threshold)
     acc.detections.append(detections)
     acc.detections_centre.append(

@@ -36,10 +36,14 @@ from dataset import (
     DatasetError,
     prepare_image,
     read_dicom_pixels,
-    restore_to_original,
     scale_intensities,
 )
-from evaluation import load_trained_model, predict_probabilities, resolve_checkpoint
+from evaluation import (
+    load_trained_model,
+    predict_at_original,
+    predict_probabilities,
+    resolve_checkpoint,
+)
 from metrics import CLASS_NAMES, lesion_candidates
 from report import CLASS_COLOURS, overlay_panel
 from utils import CheckpointError, HelpFormatter, add_device_flags, resolve_device
@@ -195,12 +199,9 @@ class _Loaded:
 def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -> dict:
     """Mask, overlay and JSON of one image from its (C, H, W) training-size probabilities;
     returns the JSON's content."""
-    restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), item.meta,
-                                   cv2.INTER_LINEAR)
-    # Outside the crop every probability is 0, so the argmax there is background.
-    mask = restored.argmax(-1).astype(np.uint8)
+    mask, abnormality = predict_at_original(probs, item.meta)
     lesions = []
-    for candidate in lesion_candidates(1 - restored[..., 0], mask):
+    for candidate in lesion_candidates(abnormality, mask):
         x0, y0, x1, y1 = candidate.bbox
         if candidate.area < min_area:
             mask[y0:y1, x0:x1][candidate.mask] = 0
