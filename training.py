@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import metrics
 from dataset import (
     NUM_CLASSES,
     PREPROCESS_VERSION,
@@ -199,9 +200,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, args,
             p, t = pred == cls, masks == cls
             stats[cls] += torch.stack([(p & t).sum(), p.sum(), t.sum()]).double()
     stats, loss_sum = all_reduce_sum(stats).cpu().numpy(), all_reduce_sum(loss_sum)
-    denominator = stats[:, 1] + stats[:, 2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(denominator > 0, 2 * stats[:, 0] / denominator, np.nan)
+    dice = metrics.dice_iou(stats[None])["dice_pooled"]
     return {"val_loss": (loss_sum[0] / loss_sum[1]).item(),
             "dice": dice, "mean_fg_dice": float(np.nanmean(dice[1:]))}
 
