@@ -48,7 +48,7 @@ from dataset import (
     group_mammograms,
 )
 from main_retrieval import retrieve
-from model import SUPPORTED_BACKBONES, build_model
+from model import SUPPORTED_BACKBONES
 from synthetic import make_synthetic_dataset
 from utils import DistInfo, HelpFormatter, add_device_flags, resolve_device, seed_everything
 
@@ -120,14 +120,8 @@ class OurTrainer:
 
     def __init__(self, args: argparse.Namespace, device: torch.device, total_steps: int) -> None:
         self.args, self.device = args, device
-        model = build_model(args.backbone, NUM_CLASSES, 1, args.output_stride,
-                            decoder_channels=args.decoder_channels).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
-                                           weight_decay=args.weight_decay)
-        self.scheduler = training.warmup_cosine(self.optimizer, 1, total_steps)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        model, self.optimizer, self.scheduler, self.scaler = training.build_training_state(
+            args, device, None, warmup_steps=1, total_steps=total_steps)
         self.model = torch.compile(model) if args.compile else model
         self.generator = torch.Generator().manual_seed(args.seed)
 

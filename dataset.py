@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -28,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from main_retrieval import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
+from utils import atomic_write
 
 PREPROCESS_VERSION = 1
 NUM_CLASSES = 4
@@ -78,15 +78,25 @@ def read_split_csv(path: Path) -> tuple[pd.DataFrame, Path]:
 
 
 def group_mammograms(rows: pd.DataFrame) -> list[Mammogram]:
-    """One Mammogram per distinct img_path, in first-seen order."""
+    """One Mammogram per distinct img_path, in first-seen order, with every ROI of its view.
+
+    CBIS-DDSM publishes a breast view that has both a mass and a calcification twice, once in
+    each collection, each copy annotated for its own type only. Each copy's target gets the ROIs
+    of both (same patient, side, view and split), so neither lesion is background in either.
+    """
+    view = [rows["patient_id"].astype(str), rows["side"], rows["view"], rows["split"]]
+    rois_of_view = {key: group for key, group in rows.groupby(view, sort=False)}
     mammograms = []
     for img_path, group in rows.groupby("img_path", sort=False):
+        first = group.iloc[0]
+        rois = rois_of_view[(str(first["patient_id"]), first["side"], first["view"],
+                             first["split"])]
         mammograms.append(Mammogram(
             img_path=img_path,
-            roi_paths=tuple(group["roi_path"]),
-            class_ids=tuple(int(c) for c in group["class_id"]),
-            patient_id=str(group["patient_id"].iloc[0]),
-            collection=str(group["collection"].iloc[0]),
+            roi_paths=tuple(rois["roi_path"]),
+            class_ids=tuple(int(c) for c in rois["class_id"]),
+            patient_id=str(first["patient_id"]),
+            collection=str(first["collection"]),
         ))  # fmt: skip
     return mammograms
 
@@ -94,14 +104,17 @@ def group_mammograms(rows: pd.DataFrame) -> list[Mammogram]:
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def read_dicom_pixels(path: Path) -> np.ndarray:
-    """Pixel data of a DICOM file, bright = dense; errors name the file."""
+def read_dicom_pixels(path: Path, label_map: bool = False) -> np.ndarray:
+    """Pixel data of a DICOM file, bright = dense; errors name the file.
+
+    label_map: a mask, whose values are labels, not intensities: never inverted.
+    """
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
     except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise DatasetError(f"cannot read DICOM {path}: {error}") from error
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+    if not label_map and ds.get("PhotometricInterpretation") == "MONOCHROME1":
         pixels = pixels.max() - pixels
     return pixels
 
@@ -111,7 +124,7 @@ def read_roi_masks(mammogram: Mammogram, data_root: Path,
     """Each ROI as a boolean mask of `shape`; masks of another size are resized (nearest)."""
     masks, resized = [], 0
     for roi_path in mammogram.roi_paths:
-        roi = read_dicom_pixels(data_root / roi_path) > 0
+        roi = read_dicom_pixels(data_root / roi_path, label_map=True) > 0
         if roi.shape != shape:
             resized += 1
             roi = cv2.resize(roi.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
@@ -262,19 +275,17 @@ class PreprocessCache:
         result = preprocess(mammogram, self.data_root, self.size, self.canonical_flip)
         array_path, meta_path = self.paths(mammogram)
         # Meta first: an entry counts as present once its .npy exists.
-        _atomic_save(meta_path, lambda f: f.write(json.dumps(result.meta).encode()))
-        _atomic_save(array_path, lambda f: np.save(f, np.stack([result.image, result.mask])))
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(result.meta)))
+
+        def save_array(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a name
+                np.save(f, np.stack([result.image, result.mask]))
+
+        atomic_write(array_path, save_array)
         return result.meta
 
     def missing(self, mammograms: list[Mammogram]) -> list[Mammogram]:
         return [m for m in mammograms if not self.paths(m)[0].exists()]
-
-
-def _atomic_save(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _build_entry(cache: PreprocessCache, mammogram: Mammogram) -> tuple[dict | None, str | None]:

@@ -34,6 +34,7 @@ from dataset import (
     restore_to_original,
     unit_range,
 )
+from main_retrieval import FOLDER_RE
 from metrics import CLASS_NAMES
 from model import build_model
 from training import autocast_for
@@ -57,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--checkpoint", default="best.pth",
         help="a checkpoint path, or the name of one inside --checkpoint-dir")
     add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
-        help="folder searched for --checkpoint names; its log.csv gives the training curves")
+        help="folder searched for --checkpoint names (the training curves come from the "
+             "log.csv beside the checkpoint)")
     add("--csv", type=Path, default=Path("csv/test.csv"), help="the split to evaluate")
     add("--out", type=Path, default=None,
         help="results folder (default: results/<checkpoint name>)")
@@ -126,7 +128,14 @@ def predict_at_original(probs: np.ndarray, meta: dict) -> tuple[np.ndarray, np.n
     """
     restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), meta,
                                    cv2.INTER_LINEAR)
-    return restored.argmax(-1).astype(np.uint8), 1 - restored[..., 0]
+    # Summed lesion classes, not 1 - p(background): outside the crop both are 0, not 1.
+    return restored.argmax(-1).astype(np.uint8), restored[..., 1:].sum(-1)
+
+
+def image_folder_name(img_path: str) -> str:
+    """The CBIS-DDSM folder of a mammogram (e.g. Mass-Test_P_00016_LEFT_CC), else its path."""
+    parts = Path(img_path).parts
+    return next((p for p in parts if FOLDER_RE.match(p)), "__".join(parts))
 
 
 # ----------------------------------------------------------------------------- per image
@@ -302,7 +311,7 @@ def run(args) -> dict:
             acc.rows.append({"img_path": mammogram.img_path, "patient_id": mammogram.patient_id,
                              "collection": mammogram.collection, **row})
             if len(overlays) < args.overlays:
-                overlays.append((Path(mammogram.img_path).parts[-4],
+                overlays.append((image_folder_name(mammogram.img_path),
                                  unit_range(image[0]).numpy(), mask.numpy(), prob.argmax(0)))
             bar.update()
     bar.close()

@@ -26,6 +26,9 @@ import pandas as pd
 import pydicom
 from tqdm import tqdm
 
+from metrics import CLASS_NAMES
+from utils import atomic_write
+
 SCHEMA_VERSION = 1
 CSV_COLUMNS = [
     # The first three keep the names and meaning of the sposso CBIS-DDSM-DATASET CSVs.
@@ -53,7 +56,6 @@ FOLDER_RE = re.compile(
     r"_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:_(?P<abnormality>\d+))?$"
 )
 BENIGN = ("BENIGN", "BENIGN_WITHOUT_CALLBACK")
-CLASS_NAMES = ("background", "benign", "mass", "calc")
 HEADER_TAGS = ["SeriesDescription", "Rows", "Columns"]
 DUPLICATE = "duplicate row in the description CSVs"
 
@@ -299,6 +301,13 @@ def split_by_patient(rows: pd.DataFrame, val_fraction: float, seed: int) -> pd.D
 # ----------------------------------------------------------------------------- outputs
 
 
+def views_in_both_collections(rows: pd.DataFrame) -> int:
+    """Breast views published in both the Mass and the Calc collection (two copies of one
+    mammogram, each annotated for its own type; dataset.py gives each copy both's ROIs)."""
+    view = rows.groupby(["patient_id", "side", "view", "split"])["collection"].nunique()
+    return int((view > 1).sum())
+
+
 def summarise(rows: pd.DataFrame) -> dict:
     """Counts per split: mammograms, abnormalities, per collection, pathology and class."""
     summary = {}
@@ -314,12 +323,6 @@ def summarise(rows: pd.DataFrame) -> dict:
                           for k, v in sorted(part["class_id"].value_counts().items())},
         }  # fmt: skip
     return summary
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def check_writable(out_dir: Path) -> None:
@@ -358,6 +361,7 @@ def retrieve(data_root: Path, metadata_dir: Path | None = None, val_fraction: fl
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
         "skipped": skipped,
         "mask_size_mismatch": mismatched,
+        "views_in_both_collections": views_in_both_collections(rows),
         "files_typed_by_content": typed_by_content,
         "val_fraction": val_fraction,
         "seed": seed,
@@ -367,14 +371,15 @@ def retrieve(data_root: Path, metadata_dir: Path | None = None, val_fraction: fl
 
 
 def write_outputs(rows: pd.DataFrame, report: dict, out_dir: Path) -> None:
-    check_writable(out_dir)
-    for split in ("train", "val", "test"):
-        part = rows[rows["split"] == split]
-        atomic_write_text(out_dir / f"{split}.csv", part.to_csv(index=False))
+    """The three CSVs, the sidecar and the report, each written atomically."""
     sidecar = {key: report[key] for key in ("schema_version", "data_root", "metadata_dir")}
     sidecar["columns"] = CSV_COLUMNS
-    atomic_write_text(out_dir / SIDECAR_NAME, json.dumps(sidecar, indent=2))
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2))
+    texts = {f"{split}.csv": rows[rows["split"] == split].to_csv(index=False)
+             for split in ("train", "val", "test")}
+    texts[SIDECAR_NAME] = json.dumps(sidecar, indent=2)
+    texts[REPORT_NAME] = json.dumps(report, indent=2)
+    for name, text in texts.items():
+        atomic_write(out_dir / name, lambda tmp, text=text: Path(tmp).write_text(text))
 
 
 def format_report(report: dict) -> str:
@@ -392,6 +397,9 @@ def format_report(report: dict) -> str:
                  f"in {report['seconds']} s")
     for reason, count in report["skipped_by_reason"].items():
         lines.append(f"skipped {count}: {reason}")
+    if report["views_in_both_collections"]:
+        lines.append(f"{report['views_in_both_collections']} views are in both the Mass and the "
+                     "Calc collection: each copy's target gets the ROIs of both")
     for item in report["mask_size_mismatch"]:
         lines.append(f"mask size differs (resized at training time): {item['roi']} "
                      f"{item['mask_size']} vs image {item['image_size']}")
@@ -417,8 +425,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        print("error: --val-fraction must be in [0, 1)", file=sys.stderr)
+    if not 0 < args.val_fraction < 1:  # training selects its best checkpoint on val
+        print("error: --val-fraction must be in (0, 1)", file=sys.stderr)
         return 2
     try:
         check_writable(args.out_dir)

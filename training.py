@@ -24,6 +24,7 @@ import metrics
 from dataset import (
     NUM_CLASSES,
     PREPROCESS_VERSION,
+    DatasetError,
     MammogramDataset,
     augment_batch,
     normalize_input,
@@ -239,11 +240,29 @@ def plain_args(args) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+def build_training_state(args, device: torch.device, pretrained: str | None, warmup_steps: int,
+                         total_steps: int):
+    """(model, AdamW, warm-up + cosine schedule, grad scaler) as --flags describe them."""
+    model = build_model(args.backbone, NUM_CLASSES, 1, args.output_stride, pretrained,
+                        args.decoder_channels).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return model, optimizer, scheduler, scaler
+
+
 def make_loader(dataset: MammogramDataset, args, dist_info: DistInfo, train: bool,
-                device: torch.device) -> tuple[DataLoader, DistributedSampler]:
-    # One sampler for one or many processes; set_epoch gives each epoch its own shuffle.
-    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                 shuffle=train, seed=args.seed, drop_last=False)
+                device: torch.device) -> tuple[DataLoader, DistributedSampler | list[int]]:
+    """Training: a shuffling DistributedSampler (set_epoch gives each epoch its own order), also
+    with one process. Validation: each rank a disjoint, unpadded share, so no image counts twice.
+    """
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size,
+                                     rank=dist_info.rank, shuffle=True, seed=args.seed)
+    else:
+        sampler = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0, drop_last=train,
@@ -295,15 +314,11 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
     val_loader, _ = make_loader(val_set, args, dist_info, False, device)
 
     config = model_config(args)
-    model = build_model(args.backbone, NUM_CLASSES, 1, args.output_stride,
-                        None if checkpoint else args.pretrained, args.decoder_channels).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_loader)
-    scheduler = warmup_cosine(optimizer, max(1, round(args.warmup_epochs * steps_per_epoch)),
-                              args.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    model, optimizer, scheduler, scaler = build_training_state(
+        args, device, None if checkpoint else args.pretrained,
+        warmup_steps=max(1, round(args.warmup_epochs * steps_per_epoch)),
+        total_steps=args.epochs * steps_per_epoch)
     start_epoch, best = 0, -1.0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -335,7 +350,9 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
                                                   + dist_info.rank)
         train_loss = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device,
                                      args, generator, dist_info)
-        val = evaluate(trained, val_loader, device, args, dist_info)
+        # The plain model: ranks may see different numbers of val batches, and DDP's forward
+        # would wait for the others.
+        val = evaluate(model, val_loader, device, args, dist_info)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": round(train_loss, 5), "val_loss": round(val["val_loss"], 5),
@@ -381,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         train(args, parser)
-    except CheckpointError as error:
+    except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error}") from None
     return 0
 

@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,10 @@ def init_distributed(device_type: str) -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    # Rank 0 builds the preprocessing cache while the others wait at a barrier: on the full
+    # data set that can take longer than the default 10-minute collective timeout.
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                            timeout=timedelta(hours=3))
     return info
 
 

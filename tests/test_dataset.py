@@ -50,11 +50,30 @@ def test_every_roi_of_a_mammogram_is_in_its_one_target(csv_dir, tmp_path):
     assert set(np.unique(merged)) == {0, *multi.class_ids}
 
 
+def test_view_in_both_collections_gets_the_rois_of_both():
+    # CBIS-DDSM publishes such a view twice (Mass-... and Calc-... folders), each copy
+    # annotated for its own type; neither copy may have the other's lesion as background.
+    common = {"patient_id": "P_00001", "side": "LEFT", "view": "CC", "split": "train"}
+    rows = pd.DataFrame([
+        {**common, "img_path": "Mass-Training_P_00001_LEFT_CC/a/b/1-1.dcm", "roi_path": "m1",
+         "class_id": 2, "collection": "Mass-Training"},
+        {**common, "img_path": "Calc-Training_P_00001_LEFT_CC/a/b/1-1.dcm", "roi_path": "c1",
+         "class_id": 1, "collection": "Calc-Training"},
+        {**common, "side": "RIGHT", "img_path": "Calc-Training_P_00001_RIGHT_CC/a/b/1-1.dcm",
+         "roi_path": "c2", "class_id": 3, "collection": "Calc-Training"},
+    ])  # fmt: skip
+    mass_copy, calc_copy, other_side = group_mammograms(rows)
+    assert mass_copy.roi_paths == calc_copy.roi_paths == ("m1", "c1")
+    assert mass_copy.class_ids == calc_copy.class_ids == (2, 1)
+    assert mass_copy.collection == "Mass-Training" and calc_copy.collection == "Calc-Training"
+    assert other_side.roi_paths == ("c2",)
+
+
 def test_cache_hit_means_no_second_decode(csv_dir, tmp_path, monkeypatch):
     decoded = []
     real_read = dataset.read_dicom_pixels
     monkeypatch.setattr(dataset, "read_dicom_pixels",
-                        lambda path: decoded.append(path) or real_read(path))
+                        lambda path, **kw: decoded.append(path) or real_read(path, **kw))
     data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
     first = [data[i] for i in range(len(data))]
     n_files = sum(1 + len(m.roi_paths) for m in data.mammograms)

@@ -68,6 +68,8 @@ def test_real_csvs_every_mammogram_and_roi_found(real_shaped):
     assert rows.loc[rows["split"] == "test", "img_path"].nunique() == 645
     assert list(rows.columns) == CSV_COLUMNS
     assert report["files_typed_by_content"] == len(range(0, 3568, 7))
+    # Same patient, side, view and official split in both the Mass and the Calc collection.
+    assert report["views_in_both_collections"] == 42
     assert seconds < 60
 
 
