@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the model")
     add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
         help="continue a run: from CHECKPOINT, or checkpoint-dir/last.pth when no path is given; "
-             "its saved flags are reused unless given again")
+             "the flags it was saved with are reused unless given again")
     add("--skip-unreadable", action="store_true",
         help="skip (and count) mammograms whose DICOMs cannot be read instead of stopping")
     add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
@@ -218,19 +218,27 @@ def model_config(args) -> dict:
             "class_names": list(CLASS_NAMES)}
 
 
-def resolve_resume(args, parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict | None]:
-    """With --resume, the saved flags fill in every flag left at its default."""
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The flags, and which of them the command line gave (for --resume)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    probe = get_args_parser()
+    for action in probe._actions:  # a flag the command line does not give stays unset
+        action.default = argparse.SUPPRESS
+    return args, set(vars(probe.parse_args(argv)))
+
+
+def resolve_resume(args, given: set[str]) -> tuple[argparse.Namespace, dict | None]:
+    """With --resume, the saved flags fill in every flag the command line did not give."""
     if args.resume is None:
         return args, None
     path = args.checkpoint_dir / "last.pth" if args.resume == "last" else Path(args.resume)
     checkpoint = load_checkpoint(path)
-    saved = checkpoint["args"]
-    given = {k: v for k, v in vars(args).items() if v != parser.get_default(k)}
     merged = dict(vars(args))
-    for key, value in saved.items():
+    for key, value in checkpoint["args"].items():
         if key in MACHINE_FLAGS or key in given:
             continue
-        merged[key] = Path(value) if isinstance(parser.get_default(key), Path) else value
+        merged[key] = Path(value) if isinstance(merged.get(key), Path) else value
     resumed = argparse.Namespace(**merged)
     check_config_matches(checkpoint["config"], model_config(resumed), path)
     return resumed, checkpoint
@@ -290,9 +298,9 @@ def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset, Mammogra
     return datasets[0], datasets[1]
 
 
-def train(args, parser: argparse.ArgumentParser | None = None) -> dict:
-    """The whole run; returns the last epoch's log row."""
-    args, checkpoint = resolve_resume(args, parser or get_args_parser())
+def train(args, given: set[str] = frozenset()) -> dict:
+    """The whole run; returns the last epoch's log row. given: flags the command line gave."""
+    args, checkpoint = resolve_resume(args, given)
     if args.batch_size < 2:
         raise SystemExit("error: --batch-size must be at least 2 (batch norm in ASPP)")
     device = resolve_device(args.device)
@@ -394,13 +402,10 @@ def drop_log_rows_after(log_path: Path, epochs_done: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
     try:
-        train(args, parser)
+        train(*parse_args(argv))
     except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error}") from None
     return 0
 
 
-__all__ = ["get_args_parser", "train", "train_one_epoch", "evaluate", "main", "CheckpointError"]

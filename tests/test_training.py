@@ -22,8 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_training(argv: list[str]) -> dict:
-    parser = training.get_args_parser()
-    return training.train(parser.parse_args(argv), parser)
+    return training.train(*training.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +75,9 @@ def test_killed_run_resumes_to_the_same_state(csv_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "train_one_epoch", real_epoch)
     assert load_checkpoint(killed / "checkpoint" / "last.pth")["epoch"] == 0
     # Only --resume and the folders: every other flag comes back from the checkpoint.
-    parser = training.get_args_parser()
-    resume = parser.parse_args(["--csv-dir", str(csv_dir), "--checkpoint-dir",
-                                str(killed / "checkpoint"), "--cache-dir",
-                                str(tmp_path / "cache"), "--workers", "0", "--resume",
-                                "--no-progress"])
-    training.train(resume, parser)
+    run_training(["--csv-dir", str(csv_dir), "--checkpoint-dir", str(killed / "checkpoint"),
+                  "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--resume",
+                  "--no-progress"])
 
     a = load_checkpoint(straight / "checkpoint" / "last.pth")
     b = load_checkpoint(killed / "checkpoint" / "last.pth")
@@ -90,6 +86,15 @@ def test_killed_run_resumes_to_the_same_state(csv_dir, tmp_path, monkeypatch):
         assert torch.equal(tensor, b["model"][key]), key
     assert a["scheduler"] == b["scheduler"]
     assert pd.read_csv(killed / "checkpoint" / "log.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_resume_keeps_saved_flags_unless_given_even_at_their_default(trained_run, tmp_path):
+    base = ["--checkpoint-dir", str(trained_run), "--resume"]
+    args, given = training.parse_args([*base, "--lr", "3e-4"])  # 3e-4 is the default
+    resumed, _ = training.resolve_resume(args, given)
+    assert resumed.lr == 3e-4  # given explicitly: wins over the saved 1e-3
+    assert resumed.size == [64, 48] and resumed.batch_size == 4  # not given: from the run
+    assert resumed.checkpoint_dir == trained_run  # a machine flag: from this command line
 
 
 def test_resume_with_another_backbone_is_refused(trained_run, csv_dir, tmp_path):
