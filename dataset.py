@@ -29,7 +29,7 @@ from tqdm import tqdm
 from main_retrieval import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
 from utils import atomic_write
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 NUM_CLASSES = 4
 # Inputs in [0, 1] are standardised with these before the model (see normalize_input).
 INPUT_MEAN, INPUT_STD = 0.45, 0.25
@@ -54,7 +54,8 @@ class Mammogram:
 class Preprocessed:
     image: np.ndarray  # uint16 (H, W), breast cropped, flipped to canonical side, resized
     mask: np.ndarray  # uint8 (H, W) class ids
-    meta: dict = field(default_factory=dict)  # original_shape, box, flipped, masks_resized
+    meta: dict = field(default_factory=dict)  # original_shape, box, flipped, masks_resized,
+    # rois_lost (ROIs with no pixel left after the crop and resize)
 
 
 # ----------------------------------------------------------------------------- CSVs
@@ -213,7 +214,9 @@ def preprocess(mammogram: Mammogram, data_root: Path, size: tuple[int, int],
     masks, resized = read_roi_masks(mammogram, data_root, image.shape)
     image, meta = prepare_image(image, size, canonical_flip)
     mask = apply_geometry(merge_masks(masks, mammogram.class_ids), meta, size)
-    return Preprocessed(image, mask, {**meta, "masks_resized": resized})
+    # A tiny ROI can fall between the pixels of the nearest-neighbour downscale: count it.
+    lost = sum(not apply_geometry(roi.view(np.uint8), meta, size).any() for roi in masks)
+    return Preprocessed(image, mask, {**meta, "masks_resized": resized, "rois_lost": lost})
 
 
 def restore_to_original(array: np.ndarray, meta: dict, interpolation: int) -> np.ndarray:
@@ -300,6 +303,7 @@ class PrepareReport:
     built: int = 0
     cached: int = 0
     masks_resized: int = 0
+    rois_lost: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (img_path, error)
 
 
@@ -328,6 +332,7 @@ def prepare_cache(cache: PreprocessCache, mammograms: list[Mammogram], workers: 
             if error is None:
                 report.built += 1
                 report.masks_resized += meta["masks_resized"]
+                report.rois_lost += meta["rois_lost"]
             elif skip_unreadable:
                 report.skipped.append((mammogram.img_path, error))
             else:

@@ -76,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples (over patients)")
     add("--overlays", type=int, default=8, help="number of image|truth|prediction PNGs")
     add("--seed", type=int, default=0, help="bootstrap seed")
+    add("--skip-unreadable", action="store_true",
+        help="leave out (and list) test mammograms whose DICOMs cannot be read, instead of "
+             "stopping; the figures then cover the readable ones only")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
 
@@ -294,7 +297,9 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, tuple(config["size"]),
                                         config["canonical_flip"], args.data_root)
-    dataset.prepare(args.workers, progress=args.progress)
+    prepared = dataset.prepare(args.workers, args.skip_unreadable, args.progress)
+    for img_path, error in prepared.skipped:
+        print(f"skipped {img_path}: {error}", file=sys.stderr)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     acc = Accumulator()
     overlays = []
@@ -317,8 +322,9 @@ def run(args) -> dict:
     bar.close()
     table = pd.DataFrame(acc.rows)
     table.to_csv(out / "per_image.csv", index=False)
-    results = {"checkpoint": str(checkpoint_path), "csv": str(args.csv),
-               "model": config, **summarise(acc, table, args)}
+    results = {"checkpoint": str(checkpoint_path), "csv": str(args.csv), "model": config,
+               "skipped_unreadable": [path for path, _ in prepared.skipped],
+               **summarise(acc, table, args)}
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     report.write_plots(results, out, checkpoint_path.parent / "log.csv")
     report.write_overlays(overlays, out / "overlays")

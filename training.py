@@ -290,7 +290,8 @@ def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset, Mammogra
                 print(f"skipped {img_path}: {error}")
             if report.built:
                 print(f"{split}: preprocessed {report.built} mammograms into {args.cache_dir} "
-                      f"({report.masks_resized} masks resized to their image)")
+                      f"({report.masks_resized} masks resized to their image, "
+                      f"{report.rois_lost} ROIs too small to survive the resize)")
         barrier()
         if not dist_info.is_main:  # the cache is complete now; this drops what rank 0 skipped
             dataset.prepare(0, args.skip_unreadable, progress=False)

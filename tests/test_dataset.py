@@ -109,7 +109,19 @@ def test_size_mismatched_mask_is_resized_and_counted(tmp_path):
     assert resized == 1 and masks[0].shape == image.shape
     assert masks[0][10:20, 10:20].all() and masks[0].sum() == 100  # nearest: 2x in each axis
     result = dataset.preprocess(mammogram, tmp_path, (32, 24))
-    assert result.meta["masks_resized"] == 1
+    assert result.meta["masks_resized"] == 1 and result.meta["rois_lost"] == 0
+
+
+def test_roi_lost_in_the_downscale_is_counted(tmp_path):
+    image = np.zeros((400, 300), np.uint16)
+    image[20:380, :200] = 30000
+    speck = np.zeros(image.shape, np.uint8)
+    speck[101, 101] = 255  # one pixel: nearest neighbour at 1/10 scale misses it
+    write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
+    write_dicom(tmp_path / "roi.dcm", speck, patient_id="x_1", series_description="ROI mask")
+    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (3,), "P_1", "Calc-Test")
+    result = dataset.preprocess(mammogram, tmp_path, (36, 20))
+    assert result.meta["rois_lost"] == 1 and not result.mask.any()
 
 
 def test_unreadable_dicom_named_or_skipped_and_counted(csv_dir, tmp_path):
