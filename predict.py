@@ -13,7 +13,8 @@ Per image, into --out:
 The model sees the breast crop at its training size; its probabilities are mapped back through
 the crop and flip with linear interpolation and the class is their argmax, so everything outside
 the crop is background. <name> is the file stem, or where stems repeat (the TCIA tree calls every
-file 1-1.dcm) the path below the input folder with its parts joined by "__".
+file 1-1.dcm) the CBIS-DDSM case folder on its path (e.g. Mass-Test_P_00016_LEFT_CC), else its
+path from the input folder down with the parts joined by "__".
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataset import (
     scale_intensities,
 )
 from evaluation import (
+    image_folder_name,
     load_trained_model,
     predict_at_original,
     predict_probabilities,
@@ -125,8 +127,10 @@ def output_names(files: list[Path], roots: list[Path]) -> list[str]:
             name = file.stem
         else:
             root = next((r for r in roots if r.is_dir() and file.is_relative_to(r)), None)
-            relative = file.relative_to(root) if root else file.relative_to(file.anchor)
-            name = "__".join(p for p in relative.with_suffix("").parts if p != "..")
+            # From the input folder's own name down: in a TCIA tree that holds the case folder.
+            relative = file.relative_to(root.parent) if root else file.relative_to(file.anchor)
+            parts = [p for p in relative.with_suffix("").parts if p != ".."]
+            name = image_folder_name("/".join(parts))
         name = re.sub(r"[^\w.-]+", "_", name)
         unique, k = name, 1
         while unique.casefold() in taken:  # also distinct on case-insensitive file systems

@@ -160,13 +160,15 @@ def test_files_named_alike_get_distinct_names(tmp_path):
     root = tmp_path / "scans"
     files = [root / "Calc-Test_P_1_LEFT_CC" / "a b" / "1-1.dcm",
              root / "Mass-Test_P_2_LEFT_CC" / "c" / "1-1.dcm",
-             root / "other.png", tmp_path / "x" / "1-1.dcm", tmp_path / "y" / "1-1.dcm"]
+             root / "other.png", root / "plain" / "1-1.dcm",
+             tmp_path / "x" / "1-1.dcm", tmp_path / "y" / "1-1.dcm"]
     for file in files:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.touch()
-    names = predict.output_names(files, [root, *files[3:]])
-    assert names[:3] == ["Calc-Test_P_1_LEFT_CC__a_b__1-1", "Mass-Test_P_2_LEFT_CC__c__1-1",
-                         "other"]
+    names = predict.output_names(files, [root, *files[4:]])
+    # A TCIA case folder names the file; otherwise the path from the input folder's name down.
+    assert names[:4] == ["Calc-Test_P_1_LEFT_CC", "Mass-Test_P_2_LEFT_CC", "other",
+                         "scans__plain__1-1"]
     assert len({name.casefold() for name in names}) == len(files)
 
 
