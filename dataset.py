@@ -29,7 +29,7 @@ from tqdm import tqdm
 from main_retrieval import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
 from utils import atomic_write
 
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3  # 3: centre-aligned nearest for every label resize
 NUM_CLASSES = 4
 # Inputs in [0, 1] are standardised with these before the model (see normalize_input).
 INPUT_MEAN, INPUT_STD = 0.45, 0.25
@@ -128,7 +128,8 @@ def read_roi_masks(mammogram: Mammogram, data_root: Path,
         roi = read_dicom_pixels(data_root / roi_path, label_map=True) > 0
         if roi.shape != shape:
             resized += 1
-            roi = cv2.resize(roi.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+            roi = cv2.resize(roi.astype(np.uint8), shape[::-1],
+                             interpolation=cv2.INTER_NEAREST_EXACT) > 0
         masks.append(roi)
     return masks, resized
 
@@ -196,7 +197,7 @@ def prepare_image(image: np.ndarray, size: tuple[int, int],
 
 
 def apply_geometry(array: np.ndarray, meta: dict, size: tuple[int, int],
-                   interpolation: int = cv2.INTER_NEAREST, cropped: bool = False) -> np.ndarray:
+                   interpolation: int = cv2.INTER_NEAREST_EXACT, cropped: bool = False) -> np.ndarray:
     """The crop, flip and resize of prepare_image applied to another array (e.g. a mask)."""
     if not cropped:
         y0, y1, x0, x1 = meta["box"]

@@ -219,7 +219,7 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -
 
     height, width = mask.shape
     small_h, small_w = item.display.shape
-    small_mask = cv2.resize(mask, (small_w, small_h), interpolation=cv2.INTER_NEAREST)
+    small_mask = cv2.resize(mask, (small_w, small_h), interpolation=cv2.INTER_NEAREST_EXACT)
     panel = overlay_panel(item.display, small_mask)
     scale, offset = small_w / width, small_w + 4
     for lesion in lesions:  # boxes keep lesions too small to survive the downscale visible

@@ -323,7 +323,7 @@ def _write_abnormality(
     crop = image[y : y + bh, x : x + bw]
     if abn.defect == "mask_size_mismatch":  # like Mass-Test_P_00145_LEFT_CC: mask ~87% size
         size = (round(0.87 * mask.shape[1]), round(0.87 * mask.shape[0]))
-        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
     study = root / f"{m.folder}_{abn.n}" / f"{m.date}-DDSM-{rng.integers(100000):05d}"
     mask_dir = study / f"1.000000-ROI mask images-{rng.integers(100000):05d}"
     if abn.one_series:

@@ -23,6 +23,7 @@ from dataset import (
     read_split_csv,
     restore_to_original,
 )
+from evaluation import predict_at_original
 from synthetic import write_dicom
 from tests.conftest import SIZE
 
@@ -175,6 +176,52 @@ def test_prediction_maps_back_through_crop_and_flip(chest_wall_right):
     assert restored.shape == image.shape
     overlap = ((restored == 2) & (lesion == 2)).sum() / (lesion == 2).sum()
     assert overlap > 0.9 and ((restored == 2) & (lesion == 0)).sum() < 0.1 * (lesion == 2).sum()
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    return np.array(np.nonzero(mask)).mean(axis=1)
+
+
+def test_exact_geometry_round_trip_off_centre_lesion_on_flipped_breast(tmp_path):
+    # Worked by hand: a 997x613 breast against the right edge (so it is flipped to the canonical
+    # side), a lesion of radius 40 px off the box's centre, training size 256x160 (scale ~3.3 and
+    # ~3.9, not whole numbers). A prediction equal to the training target must land back on the
+    # lesion: centre-aligned nearest keeps the centroid within 0.5 px (plain INTER_NEAREST moves
+    # it ~1.5 px down and sideways; a missing un-flip moves it ~180 px) and Dice >= 0.98.
+    height, width = 997, 613
+    yy, xx = np.mgrid[:height, :width]
+    image = np.zeros((height, width), np.uint16)
+    image[((yy - 500) / 420) ** 2 + ((xx - width) / 520) ** 2 < 1] = 30000
+    image[20:50, 10:80] = 60000  # film label in the far corner
+    lesion = ((yy - 310.3) ** 2 + (xx - (width - 170.6)) ** 2 < 40**2).astype(np.uint8) * 255
+    write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
+    write_dicom(tmp_path / "roi.dcm", lesion, patient_id="x_1", series_description="ROI mask")
+    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (3,), "P_1", "Calc-Test")
+    result = dataset.preprocess(mammogram, tmp_path, (256, 160))
+    assert result.meta["flipped"] and result.mask.shape == (256, 160)
+    assert set(np.unique(result.mask)) == {0, 3}  # labels resized as labels, not blended
+    perfect = np.eye(4, dtype=np.float32)[result.mask].transpose(2, 0, 1)
+    predicted, _ = predict_at_original(perfect, result.meta)
+    truth = lesion > 0
+    found = predicted == 3
+    assert np.abs(_centroid(found) - _centroid(truth)).max() < 0.5
+    assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) >= 0.98
+
+
+def test_size_mismatched_mask_keeps_its_centre(tmp_path):
+    # A mask stored at 87% of its mammogram's size (like Mass-Test_P_00145_LEFT_CC) is scaled up
+    # centre-aligned: a square centred at (40, 60) of the small mask is centred at
+    # (40 + 0.5) * 230 / 200 - 0.5 = 46.1 and (60 + 0.5) * 200 / 174 - 0.5 = 69.0 of the
+    # mammogram (plain INTER_NEAREST puts it at 46.5).
+    image = np.full((230, 200), 20000, np.uint16)
+    small = np.zeros((200, 174), np.uint8)
+    small[30:51, 50:71] = 255
+    write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
+    write_dicom(tmp_path / "roi.dcm", small, patient_id="x_1", series_description="ROI mask")
+    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (2,), "P_1", "Mass-Test")
+    (mask,), resized = read_roi_masks(mammogram, tmp_path, image.shape)
+    expected = [(40 + 0.5) * 230 / 200 - 0.5, (60 + 0.5) * 200 / 174 - 0.5]
+    assert resized == 1 and np.abs(_centroid(mask) - expected).max() < 0.25
 
 
 def test_augmentation_keeps_labels_and_is_seeded():
