@@ -113,6 +113,9 @@ def read_dicom_pixels(path: Path, label_map: bool = False) -> np.ndarray:
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
+    except FileNotFoundError as error:
+        raise DatasetError(f"no file {path}: if the data folder moved, pass --data-root with "
+                           "its new place") from error
     except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise DatasetError(f"cannot read DICOM {path}: {error}") from error
     if not label_map and ds.get("PhotometricInterpretation") == "MONOCHROME1":

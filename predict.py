@@ -48,7 +48,13 @@ from evaluation import (
 )
 from metrics import CLASS_NAMES, lesion_candidates
 from report import CLASS_COLOURS, overlay_panel
-from utils import CheckpointError, HelpFormatter, add_device_flags, resolve_device
+from utils import (
+    CheckpointError,
+    HelpFormatter,
+    add_device_flags,
+    atomic_write_all,
+    resolve_device,
+)
 
 IMAGE_SUFFIXES = (".dcm", ".png")
 OVERLAY_HEIGHT = 1024
@@ -184,11 +190,17 @@ def _display_image(image: np.ndarray) -> np.ndarray:
     return scale_intensities(image).astype(np.float32) / 65535
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
+def _encode_png(path: Path, image: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"cannot encode {path}")
-    path.write_bytes(encoded.tobytes())
+    return encoded.tobytes()
+
+
+def _write_set(files: dict[Path, bytes]) -> None:
+    """One image's outputs together or none of them (JSON last: it marks a complete set)."""
+    atomic_write_all({path: lambda tmp, data=data: Path(tmp).write_bytes(data)
+                      for path, data in files.items()})
 
 
 @dataclass
@@ -215,7 +227,7 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -
                         "area": candidate.area,
                         "centroid": [round(v, 1) for v in candidate.centroid]})
     lesions.sort(key=lambda lesion: -lesion["score"])
-    _write_png(out / f"{item.name}_mask.png", mask)
+    files = {out / f"{item.name}_mask.png": _encode_png(out / f"{item.name}_mask.png", mask)}
 
     height, width = mask.shape
     small_h, small_w = item.display.shape
@@ -226,7 +238,8 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -
         x0, y0, x1, y1 = (round(v * scale) for v in lesion["bbox"])
         cv2.rectangle(panel, (offset + x0, y0), (offset + max(x0, x1 - 1), max(y0, y1 - 1)),
                       CLASS_COLOURS[lesion["class_id"]].tolist(), 1)
-    _write_png(out / f"{item.name}_overlay.png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+    overlay = out / f"{item.name}_overlay.png"
+    files[overlay] = _encode_png(overlay, cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
     y0, y1, x0, x1 = item.meta["box"]
     record = {"source": str(item.path.absolute()), "name": item.name,
@@ -234,7 +247,8 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -
               "breast_box": [x0, y0, x1, y1], "flipped": item.meta["flipped"],
               "malignancy_score": round(float(probs[MALIGNANT_CLASSES].max()), 4),
               "lesions": lesions}
-    (out / f"{item.name}.json").write_text(json.dumps(record, indent=2))
+    files[out / f"{item.name}.json"] = json.dumps(record, indent=2).encode()
+    _write_set(files)
     return record
 
 

@@ -15,8 +15,9 @@ import torch
 
 import evaluation
 import training
-from tests.conftest import train_args
-from utils import CheckpointError, load_checkpoint
+from dataset import MammogramDataset
+from tests.conftest import SIZE, train_args
+from utils import CheckpointError, DistInfo, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,3 +169,14 @@ def test_two_process_ddp_run_matches_single_process_structure(csv_dir, trained_r
         k: v.shape for k, v in single["model"].items()}
     log = pd.read_csv(run / "checkpoint" / "log.csv")
     assert len(log) == 1 and 0 <= log["mean_fg_dice"].iloc[0] <= 1
+    # Both ranks validated the model rank 0 saved (its BatchNorm statistics, not their own).
+    args, _ = training.parse_args(command[8:])  # the training flags
+    net, _ = evaluation.load_trained_model(run / "checkpoint" / "last.pth", torch.device("cpu"))
+    val_set = MammogramDataset.from_csv(csv_dir / "val.csv", args.cache_dir, SIZE)
+    loss, count = 0.0, 0
+    for rank in (0, 1):  # each rank's share in its batches: the Dice term is per batch
+        loader, share = training.make_loader(val_set, args, DistInfo(rank, 2), False,
+                                             torch.device("cpu"))
+        val = training.evaluate(net, loader, torch.device("cpu"), args, DistInfo())
+        loss, count = loss + val["val_loss"] * len(share), count + len(share)
+    assert math.isclose(loss / count, log["val_loss"].iloc[0], abs_tol=2e-5)
