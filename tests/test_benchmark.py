@@ -12,7 +12,8 @@ def test_benchmark_writes_the_three_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--size", "64", "64", "--batch-size", "2", "--backbone", "resnet18",
             "--dicom-size", "240", "150", "--images", "2", "--warmup", "1", "--steps", "1",
-            "--repeats", "1", "--workers", "0", "--patch-size", "64", "64", "--work-dir", str(tmp_path), "--json", str(out)]
+            "--repeats", "1", "--workers", "0", "--patch-size", "64", "64", "--work-dir",
+            str(tmp_path), "--json", str(out)]
     assert benchmark.main(argv) == 0
     results = json.loads(out.read_text())
     for key in ("data_path_speedup", "model_step_speedup", "end_to_end_fraction"):
