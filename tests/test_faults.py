@@ -177,6 +177,9 @@ BAD_FLAGS = [
     (("--size", "0", "0"), "--size"), (("--size", "1", "1"), "--size"),
     (("--epochs", "0"), "--epochs"), (("--epochs", "-1"), "--epochs"),
     (("--batch-size", "1"), "--batch-size"), (("--weight-decay", "inf"), "--weight-decay"),
+    (("--patch-size", "16", "16"), "--patch-size"),
+    (("--patch-size", "64", "64", "--scale", "0"), "--scale"),
+    (("--patch-size", "64", "64", "--sw-overlap", "1"), "--sw-overlap"),
 ]
 
 
@@ -248,10 +251,15 @@ def test_f04_resume_refuses_changed_train_val_rows(run, tmp_path):
 
 
 def test_f07_resume_reuses_the_runs_cache(run, tmp_path, monkeypatch):
+    saved = load_checkpoint(run.folder / "last.pth")
+    # A run started in another folder with relative paths (--cache-dir cache --csv-dir csv).
+    elsewhere = {"model": {}, "config": saved["config"], "data": saved["data"],
+                 "args": {**saved["args"], "cache_dir": "cache", "csv_dir": "csv"}}
+    torch.save(elsewhere, tmp_path / "last.pth")
     monkeypatch.chdir(tmp_path)
-    args, _ = resumed(["--resume", str(run.folder / "last.pth")])
-    assert args.cache_dir == run.cache and args.csv_dir == run.csv
-    args, _ = resumed(["--resume", str(run.folder / "last.pth"), "--cache-dir", "elsewhere"])
+    args, _ = resumed(["--resume", str(tmp_path / "last.pth")])
+    assert args.cache_dir == run.cache.resolve() and args.csv_dir == run.csv.resolve()
+    args, _ = resumed(["--resume", str(tmp_path / "last.pth"), "--cache-dir", "elsewhere"])
     assert args.cache_dir == Path("elsewhere")  # given: this machine's cache
 
 
