@@ -6,11 +6,13 @@ Per image, into --out:
   <name>_mask.png     uint8 class ids (0 background, 1 benign, 2 mass, 3 calc) at the original size
   <name>_overlay.png  image | predicted classes blended over it, at most OVERLAY_HEIGHT px tall
   <name>.json         source, original_size {height, width}, breast_box and flipped (the crop
-                      the model saw), malignancy_score (max of p(mass), p(calc) at training
-                      size) and lesions: class, class_id, score (max abnormality probability),
-                      bbox [x0, y0, x1, y1] (end-exclusive, original pixels), area, centroid [x, y]
+                      the model saw), malignancy_score (max of p(mass), p(calc) at the
+                      model's resolution) and lesions: class, class_id, score (max abnormality
+                      probability), bbox [x0, y0, x1, y1] (end-exclusive, original pixels),
+                      area, centroid [x, y]
 
-The model sees the breast crop at its training size; its probabilities are mapped back through
+The model sees the breast crop as it was trained (resized to its training size, or at its cache
+scale through a sliding window: see inference.py); its probabilities are mapped back through
 the crop and flip with linear interpolation and the class is their argmax, so everything outside
 the crop is background. <name> is the file stem, or where stems repeat (the TCIA tree calls every
 file 1-1.dcm) the CBIS-DDSM case folder on its path (e.g. Mass-Test_P_00016_LEFT_CC), else its
@@ -39,13 +41,8 @@ from dataset import (
     read_dicom_pixels,
     scale_intensities,
 )
-from evaluation import (
-    image_folder_name,
-    load_trained_model,
-    predict_at_original,
-    predict_probabilities,
-    resolve_checkpoint,
-)
+from evaluation import image_folder_name, load_trained_model, resolve_checkpoint
+from inference import predict_at_original, predict_probabilities, resolution_of
 from metrics import CLASS_NAMES, lesion_candidates
 from report import CLASS_COLOURS, overlay_panel
 from utils import CheckpointError, HelpFormatter, add_device_flags, resolve_device
@@ -195,13 +192,14 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 class _Loaded:
     path: Path
     name: str
-    image: np.ndarray  # uint16 at training size, as the model was trained on
+    image: np.ndarray  # uint16 at the checkpoint's resolution, as the model was trained on
     meta: dict  # prepare_image's geometry
     display: np.ndarray  # small float copy for the overlay
 
 
 def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -> dict:
-    """Mask, overlay and JSON of one image from its (C, H, W) training-size probabilities;
+    """Mask, overlay and JSON of one image from its (C, H, W) probabilities at the model's
+    resolution;
     returns the JSON's content."""
     mask, abnormality = predict_at_original(probs, item.meta)
     lesions = []
@@ -251,15 +249,17 @@ def predict_files(files: list[Path], names: list[str], model: nn.Module, config:
                   out: Path, device: torch.device, *, batch_size: int = 4, amp: str = "auto",
                   min_area: int = 16, progress: bool = True) -> Summary:
     """Predict every file in batches and write its outputs as <name>_* into out; files that
-    cannot be read are reported on stderr (one line each) and skipped."""
+    cannot be read are reported on stderr (one line each) and skipped. A patch-trained
+    checkpoint sees one image at a time through its sliding window, batch_size tiles at once."""
     out.mkdir(parents=True, exist_ok=True)
-    size = tuple(config["size"])
+    resolution = resolution_of(config)
+    images_per_batch = 1 if config.get("patch_size") else batch_size
     summary = Summary()
     todo = list(zip(files, names, strict=True))
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not progress)
-    for start in range(0, len(todo), batch_size):
+    for start in range(0, len(todo), images_per_batch):
         batch = []
-        for path, name in todo[start:start + batch_size]:
+        for path, name in todo[start:start + images_per_batch]:
             try:
                 image = load_image(path)
             except DatasetError as error:
@@ -268,13 +268,13 @@ def predict_files(files: list[Path], names: list[str], model: nn.Module, config:
                 tqdm.write(f"skipped: {reason}", file=sys.stderr)
                 bar.update()
                 continue
-            prepared, meta = prepare_image(image, size, config["canonical_flip"])
+            prepared, meta = prepare_image(image, resolution, config["canonical_flip"])
             batch.append(_Loaded(path, name, prepared, meta, _display_image(image)))
         if not batch:
             continue
         images = torch.from_numpy(np.stack([item.image for item in batch])).unsqueeze(1)
-        for item, probs in zip(batch, predict_probabilities(model, images, device, amp),
-                               strict=True):
+        probs_batch = predict_probabilities(model, images, device, config, amp, batch_size)
+        for item, probs in zip(batch, probs_batch, strict=True):
             summary.records.append(_write_outputs(item, probs, out, min_area))
             bar.update()
     bar.close()
