@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
 from main_retrieval import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
-from utils import atomic_write
+from utils import atomic_write, clean_stale_tmp
 
 PREPROCESS_VERSION = 4  # 3: centre-aligned nearest for labels; 4: scale mode, split files
 NUM_CLASSES = 4
@@ -415,6 +415,7 @@ def prepare_cache(cache: PreprocessCache, mammograms: list[Mammogram], workers: 
     An unreadable DICOM raises DatasetError naming it, or with skip_unreadable is recorded in
     report.skipped (the caller drops that mammogram).
     """
+    clean_stale_tmp(cache.dir)  # left by killed writers; other runs may be filling it now
     todo = cache.missing(mammograms)
     report = PrepareReport(cached=len(mammograms) - len(todo))
     if not todo:
