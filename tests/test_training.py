@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 import evaluation
 import metrics
@@ -237,23 +238,30 @@ def test_ddp_ranks_train_on_their_own_shares_in_a_new_order_each_epoch(ddp_run, 
     assert reads[0][0] != reads[0][1] and reads[1][0] != reads[1][1]  # set_epoch: new order
 
 
-def test_ddp_validation_dice_is_the_whole_validation_sets(ddp_run, csv_dir):
-    # Each rank validates half the set: the Dice recorded must pool both halves. Reference: the
-    # saved model over the whole set in one process, pixel counts pooled. Background Dice is
-    # always defined and differs between the halves (~1e-3 here).
+def test_ddp_validation_figures_are_the_whole_validation_sets(ddp_run, csv_dir):
+    # Each rank validates every other image (in batches of 2): the figures recorded must pool
+    # both halves, computed with the saved model's BatchNorm statistics on every rank. Reference:
+    # the saved model in one process. Background Dice is always defined and differs between the
+    # halves (~1e-3 here); the loss also moves (~3e-4) when a rank keeps its own statistics.
     checkpoint_path = ddp_run / "run" / "checkpoint" / "last.pth"
     model, config = evaluation.load_trained_model(checkpoint_path, torch.device("cpu"))
     val = MammogramDataset.from_csv(csv_dir / "val.csv", ddp_run / "cache", tuple(config["size"]))
-    stats = []
+    stats, loss_sum = [], 0.0
     with torch.no_grad():
-        for image, mask, _ in (val[i] for i in range(len(val))):
-            pred = model(normalize_input(unit_range(image[None])))[0].argmax(0)
-            stats.append(metrics.segmentation_stats(pred.numpy(), mask.numpy(), 4))
+        for rank in (0, 1):
+            share = list(range(rank, len(val), 2))
+            for start in range(0, len(share), 2):
+                images, masks, _ = default_collate([val[i] for i in share[start:start + 2]])
+                logits = model(normalize_input(unit_range(images)))
+                loss_sum += training.segmentation_loss(logits, masks).item() * len(images)
+                stats += [metrics.segmentation_stats(pred.numpy(), mask.numpy(), 4)
+                          for pred, mask in zip(logits.argmax(1), masks, strict=True)]
     expected = metrics.dice_iou(np.stack(stats))["dice_pooled"]
     np.testing.assert_allclose(load_checkpoint(checkpoint_path)["val_dice"], expected, atol=2e-5)
     log = pd.read_csv(ddp_run / "run" / "checkpoint" / "log.csv")
     np.testing.assert_allclose(log[["dice_benign", "dice_mass", "dice_calc"]].iloc[-1],
                                expected[1:], atol=1e-4)
+    assert log["val_loss"].iloc[-1] == pytest.approx(loss_sum / len(val), abs=2e-5)
 
 
 def test_ddp_soft_dice_pools_both_ranks_batches(ddp_run):
