@@ -125,8 +125,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="AdamW weight decay of conv and linear weights (none on BatchNorm and biases)")
     add("--warmup-epochs", type=float, default=1.0,
         help="linear learning-rate warm-up, then cosine decay to --min-lr-ratio x --lr")
-    add("--min-lr-ratio", type=float, default=0.1,
-        help="floor of the cosine decay as a fraction of --lr (nanoGPT's 0.1)")
+    add("--min-lr-ratio", type=float, default=0.01,
+        help="floor of the cosine decay as a fraction of --lr: the last epochs still learn, "
+             "at a rate 100x below the peak by default")
     add("--clip-grad-norm", type=float, default=12.0,
         help="clip the gradient norm (after un-scaling) to this; 0 turns clipping off")
     add("--dice-weight", type=float, default=1.0,
@@ -413,9 +414,12 @@ def check_flag_values(args: argparse.Namespace, checkpoint: dict | None) -> None
             f"--lr must be a finite number above 0, got {args.lr} (e.g. --lr 3e-4)")
     for flag, value in (("--weight-decay", args.weight_decay),
                         ("--warmup-epochs", args.warmup_epochs),
-                        ("--dice-weight", args.dice_weight)):
+                        ("--dice-weight", args.dice_weight),
+                        ("--clip-grad-norm", args.clip_grad_norm)):
         require(math.isfinite(value) and value >= 0,
                 f"{flag} must be a finite number >= 0, got {value}")
+    require(0 <= args.min_lr_ratio <= 1,
+            f"--min-lr-ratio must be in [0, 1] (a fraction of --lr), got {args.min_lr_ratio}")
     require(args.workers >= 0, f"--workers must be 0 (no worker processes) or more, "
                                f"got {args.workers}")
     require(min(args.size) >= MIN_SIZE, f"--size must be at least {MIN_SIZE} {MIN_SIZE} (the "

@@ -177,6 +177,7 @@ BAD_FLAGS = [
     (("--size", "0", "0"), "--size"), (("--size", "1", "1"), "--size"),
     (("--epochs", "0"), "--epochs"), (("--epochs", "-1"), "--epochs"),
     (("--batch-size", "1"), "--batch-size"), (("--weight-decay", "inf"), "--weight-decay"),
+    (("--clip-grad-norm", "-1"), "--clip-grad-norm"), (("--min-lr-ratio", "2"), "--min-lr-ratio"),
     (("--patch-size", "16", "16"), "--patch-size"),
     (("--patch-size", "64", "64", "--scale", "0"), "--scale"),
     (("--patch-size", "64", "64", "--sw-overlap", "1"), "--sw-overlap"),

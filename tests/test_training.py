@@ -89,7 +89,8 @@ def test_best_checkpoint_is_the_best_smoothed_validation_dice(csv_dir, trained_r
     monkeypatch.setattr(training, "evaluate", fake_validate)
     monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
     run = trained_run.parent.parent / "scripted"  # shares the trained run's cache
-    run_training(train_args(csv_dir, run, "--epochs", "5", "--decoder-channels", "16"))
+    run_training(train_args(csv_dir, run, "--epochs", "5", "--decoder-channels", "16",
+                            "--min-lr-ratio", "0.1"))
 
     log = pd.read_csv(run / "checkpoint" / "log.csv")
     np.testing.assert_allclose(log["ema_fg_dice"], [0.2, 0.27, 0.293, 0.3137, 0.2823], atol=1e-4)
