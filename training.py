@@ -1,7 +1,9 @@
 """Training: flags, the loss, one epoch, validation, and the checkpointed loop.
 
 Runs on one device or, under torchrun, on many with DistributedDataParallel; only rank 0 writes
-checkpoint-dir/{last,best}.pth and log.csv. Train_deep_labv3+.py is the command-line entry.
+checkpoint-dir/{last,best}.pth, log.csv, train.log (the screen's lines, timestamped, with step
+timings every --log-every steps) and training_curves.png (redrawn every epoch).
+Train_deep_labv3+.py is the command-line entry.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from dataset import (
 )
 from metrics import CLASS_NAMES
 from model import SUPPORTED_BACKBONES, build_model
+from report import plot_training_curves
 from utils import (
     CheckpointError,
     DistInfo,
     HelpFormatter,
+    StepLog,
+    TeeStdout,
     add_device_flags,
     all_reduce_sum,
     append_csv_row,
@@ -44,6 +49,7 @@ from utils import (
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
+    positive_int,
     resolve_device,
     save_checkpoint,
     seed_everything,
@@ -51,7 +57,7 @@ from utils import (
 
 # Flags that describe this machine, not the run: a resumed run takes them from the command line.
 MACHINE_FLAGS = ("resume", "device", "workers", "checkpoint_dir", "cache_dir", "data_root",
-                 "progress")
+                 "progress", "log_every")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,6 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="skip (and count) mammograms whose DICOMs cannot be read instead of stopping")
     add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add("--log-every", type=positive_int, default=50,
+        help="print data time, step time, images/s, ETA and peak memory every this many steps "
+             "(also into checkpoint-dir/train.log)")
     return parser
 
 
@@ -310,7 +319,8 @@ def train(args, given: set[str] = frozenset()) -> dict:
         device = torch.device("cuda", dist_info.local_rank)
     seed_everything(args.seed)
     try:
-        return _train(args, checkpoint, device, dist_info)
+        with TeeStdout(args.checkpoint_dir / "train.log", enabled=dist_info.is_main):
+            return _train(args, checkpoint, device, dist_info)
     finally:
         cleanup_distributed()
 
@@ -342,6 +352,8 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
     if args.compile:
         trained = torch.compile(trained)
 
+    train_loader = StepLog(train_loader, args.log_every, args.epochs, start_epoch,
+                           args.batch_size * dist_info.world_size, device, dist_info.is_main)
     log_path = args.checkpoint_dir / "log.csv"
     if dist_info.is_main:
         args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -374,6 +386,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         best = max(best, val["mean_fg_dice"])
         if dist_info.is_main:
             append_csv_row(log_path, row)
+            plot_training_curves(log_path, args.checkpoint_dir / "training_curves.png")
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "best_metric": best, "config": config,
