@@ -7,7 +7,7 @@ DATA ?= data/synthetic
 DEMO_FLAGS ?= --backbone resnet18 --decoder-channels 64 --size 256 160 --epochs 20 --batch-size 8 \
               --lr 1e-3 --workers 2
 
-.PHONY: demo test lint benchmark clean
+.PHONY: demo test lint benchmark study clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: lint
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmark.py --quick
+
+# The resolution study of README.md (realistic synthetic set; ~30 minutes on 2 CPU cores).
+study: $(VENV)/.installed
+	$(PY) study.py --out runs/study --overwrite
 
 clean:
 	rm -rf data cache results checkpoint/*.pth checkpoint/log.csv csv/*.csv csv/*.json

@@ -9,6 +9,9 @@
    at the same input size and batch, each in its own process so the memory figures are its own.
 3. End to end: our training loop fed by the real DataLoader from the cache versus the same loop
    fed one batch already on the device (augmentation on in both): the fraction of the ceiling.
+4. Patch mode at full size: the cache's MB per mammogram at --patch-scale, and the time and peak
+   memory of predicting one full-size DICOM through the sliding window, as predict.py does for
+   a patch-trained checkpoint (decode, crop, windows, back to original pixels).
 
 See DESIGN.md, "Performance model" and "The recipe this replaces".
 """
@@ -45,8 +48,10 @@ from dataset import (
     augment_batch,
     group_mammograms,
 )
+from inference import predict_at_original, predict_image
 from main_retrieval import retrieve
-from model import SUPPORTED_BACKBONES
+from model import SUPPORTED_BACKBONES, build_model
+from predict import load_image
 from synthetic import make_synthetic_dataset
 from utils import (
     DistInfo,
@@ -66,6 +71,7 @@ MODE_DEFAULTS = {
     "warmup": (3, 1),
     "steps": (20, 3),
     "repeats": (3, 2),
+    "patch_size": ([512, 512], [256, 256]),
 }
 TARGETS = {"data_path": 100.0, "model_step_cpu": 2.0, "model_step_cuda": 4.0,
            "end_to_end": 0.9, "h100_images_per_s": 500.0}
@@ -312,6 +318,53 @@ def time_end_to_end(dataset: MammogramDataset, device: torch.device, settings: d
     return {"images_per_s": images / min(fed), "ceiling_images_per_s": images / min(ceiling)}
 
 
+# ----------------------------------------------------------------------------- 4. patch mode
+
+
+def patch_config(settings: dict) -> dict:
+    """A patch-mode checkpoint config as training.py writes it, for the benchmark's backbone."""
+    argv = ["--backbone", settings["backbone"], "--patch-size",
+            *map(str, settings["patch_size"]), "--scale", str(settings["patch_scale"])]
+    return training.model_config(training.get_args_parser().parse_args(argv))
+
+
+def sliding_window_worker(image_path: Path, settings: dict) -> dict:
+    """predict.py's path for one DICOM and a patch checkpoint (random weights) in a fresh
+    process: seconds, peak memory and the number of windows."""
+    device = torch.device(settings["device"])
+    config = patch_config(settings)
+    net = build_model(config["backbone"], NUM_CLASSES, 1, config["output_stride"],
+                      decoder_channels=config["decoder_channels"]).to(device).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = peak_memory_mb(torch.device("cpu"))
+    start = time.perf_counter()
+    probs, meta = predict_image(net, load_image(image_path), device, config, settings["amp"],
+                                settings["batch_size"])
+    mask, _ = predict_at_original(probs, meta)
+    seconds = time.perf_counter() - start
+    stride = [max(1, int(p * (1 - config["sw_overlap"]))) for p in config["patch_size"]]
+    windows = math.prod(max(1, math.ceil((n - p) / s) + 1)
+                        for n, p, s in zip(meta["size"], config["patch_size"], stride,
+                                           strict=True))
+    if device.type == "cuda":
+        memory, kind = torch.cuda.max_memory_allocated(device) / 2**20, "peak CUDA allocated"
+    else:
+        memory, kind = peak_memory_mb(torch.device("cpu")) - baseline, "peak RSS growth"
+    return {"seconds": seconds, "peak_memory_mb": memory, "memory_measure": kind,
+            "windows": windows, "crop_at_scale": meta["size"], "original": list(mask.shape)}
+
+
+def time_patch_mode(mammogram: Mammogram, data_root: Path, work: Path, settings: dict) -> dict:
+    cache = PreprocessCache(work / "patch-cache", data_root, settings["patch_scale"])
+    cache.build(mammogram)
+    megabytes = sum(path.stat().st_size for path in cache.paths(mammogram)) / 2**20
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        inference_figures = pool.submit(sliding_window_worker, data_root / mammogram.img_path,
+                                        settings).result()
+    return {"cache_mb_per_image": megabytes, **inference_figures}
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -342,7 +395,7 @@ def evaluate_targets(results: dict, device: torch.device) -> dict:
 def format_table(results: dict) -> str:
     s, data, cache = results["settings"], results["data_path"], results["cache"]
     ours, seed = results["model_step"]["ours"], results["model_step"]["seed"]
-    e2e, met = results["end_to_end"], results["targets_met"]
+    e2e, met, patch = results["end_to_end"], results["targets_met"], results["patch_mode"]
     step_target = TARGETS["model_step_cuda" if results["device"].startswith("cuda")
                           else "model_step_cpu"]
     size = "x".join(map(str, s["size"]))
@@ -368,6 +421,11 @@ def format_table(results: dict) -> str:
          f">= {TARGETS['end_to_end']}", verdict("end_to_end")),
         ("end to end, images/s (H100, 512x512)", f"{e2e['images_per_s']:.1f}", "", "",
          f">= {TARGETS['h100_images_per_s']:.0f}", verdict("h100_images_per_s")),
+        (f"patch cache at scale {s['patch_scale']}, MB/mammogram",
+         f"{patch['cache_mb_per_image']:.1f}", "", "", "", ""),
+        ("sliding window, one full DICOM, s", f"{patch['seconds']:.1f}", "", "", "", ""),
+        (f"sliding window, {patch['memory_measure']} MB", f"{patch['peak_memory_mb']:.0f}",
+         "", "", "", ""),
     ]
     header = ("measurement", "ours", "seed / ceiling", "ratio", "target", "met")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -398,6 +456,10 @@ def format_table(results: dict) -> str:
         f"timing: {s['warmup']} untimed warm-up step(s), then the fastest of {s['repeats']} "
         f"rounds of {s['steps']} steps",
         "  (end-to-end and ceiling rounds interleaved, so both see the same other load)",
+        f"patch mode: one {dicom} DICOM, breast crop at scale {s['patch_scale']} = "
+        f"{'x'.join(map(str, patch['crop_at_scale']))} px, {patch['windows']} windows of "
+        f"{'x'.join(map(str, s['patch_size']))} (overlap 0.25, {s['batch_size']} per pass),",
+        "  decode to mask at original pixels, random weights, in a fresh process",
     ]
     return "\n".join(lines + [""] + notes)
 
@@ -438,6 +500,10 @@ def get_args_parser() -> argparse.ArgumentParser:
              "by other work on the machine [default: 3; --quick 2]")
     add("--workers", type=int, default=4,
         help="DataLoader workers of the end-to-end run (training.py's default)")
+    add("--patch-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+        help="sliding-window tile of the patch-mode figures [default: 512 512; quick 256 256]")
+    add("--patch-scale", type=float, default=0.5,
+        help="cache scale of the patch-mode figures (training.py's --scale)")
     add("--work-dir", type=Path, default=None, metavar="DIR",
         help="where the temporary synthetic data and cache go; removed at the end "
              "[default: the system's temporary folder]")
@@ -468,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "dicom_size": None if args.data else list(args.dicom_size), "images": args.images,
         "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
         "workers": args.workers, "seed": args.seed,
+        "patch_size": list(args.patch_size), "patch_scale": args.patch_scale,
     }
     size = tuple(args.size)
     start = time.perf_counter()
@@ -480,17 +547,19 @@ def main(argv: list[str] | None = None) -> int:
         stage("writing synthetic DICOMs" if args.data is None else f"reading {args.data}")
         data_root, mammograms = make_data(args.data, work, settings)
         dataset = MammogramDataset(mammograms, PreprocessCache(work / "cache", data_root, size))
-        stage(f"1/3 data path on {len(dataset)} mammograms")
+        stage(f"1/4 data path on {len(dataset)} mammograms")
         seed_data = time_seed_data_path(dataset, size, args.seed)
         cache = time_cache_build(dataset)
         our_data = time_our_data_path(dataset, device, args.batch_size, args.seed)
         images, masks = first_batch(dataset, args.batch_size)
-        stage("2/3 model step: the seed recipe")
+        stage("2/4 model step: the seed recipe")
         seed_step = time_model_step("seed", images, masks, settings)
-        stage("2/3 model step: ours")
+        stage("2/4 model step: ours")
         our_step = time_model_step("ours", images, masks, settings)
-        stage("3/3 end to end")
+        stage("3/4 end to end")
         end_to_end = time_end_to_end(dataset, device, settings)
+        stage("4/4 patch mode: cache entry and sliding window on one full-size DICOM")
+        patch_mode = time_patch_mode(mammograms[0], data_root, work, settings)
         stage("done")
 
     results = {
@@ -504,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache": cache,
         "model_step": {"ours": our_step, "seed": seed_step},
         "end_to_end": end_to_end,
+        "patch_mode": patch_mode,
         "targets": TARGETS,
     }
     results["targets_met"] = evaluate_targets(results, device)

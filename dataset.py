@@ -1,17 +1,27 @@
 """Mammograms from the retrieval CSVs, preprocessed once into a disk cache, and their augmentation.
 
-One sample is one mammogram: every ROI of it is merged into one 4-class mask (0 background,
-1 benign, 2 malignant mass, 3 malignant calcification; the higher id wins where ROIs overlap).
-Preprocessing (decode, breast crop, canonical flip, robust intensity scaling, resize) runs once
-per mammogram and is cached as uint16 .npy keyed by its sources, size and PREPROCESS_VERSION;
-epochs after the first read the cache. Augmentation runs batched on the training device.
+Every ROI of a mammogram is merged into one 4-class mask (0 background, 1 benign, 2 malignant
+mass, 3 malignant calcification; the higher id wins where ROIs overlap). Preprocessing (decode,
+breast crop, canonical flip, robust intensity scaling, resize) runs once per mammogram and is
+cached as .npy files keyed by its sources (paths, sizes, modification times), the resolution and
+PREPROCESS_VERSION; epochs after the first read the cache.
+
+Two resolutions (see Resolution): whole-image mode resizes every breast crop to one fixed size
+and a sample is a whole mammogram (MammogramDataset); patch mode scales each crop by one factor
+(aspect kept, e.g. half of native) and a sample is a patch read from the memory-mapped cache
+(PatchDataset), a third of them centred on a lesion. Augmentation runs batched on the device.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
+import os
+import signal
+import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -23,16 +33,20 @@ import pandas as pd
 import pydicom
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
 from main_retrieval import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
 from utils import atomic_write
 
-PREPROCESS_VERSION = 3  # 3: centre-aligned nearest for every label resize
+PREPROCESS_VERSION = 4  # 3: centre-aligned nearest for labels; 4: scale mode, split files
 NUM_CLASSES = 4
 # Inputs in [0, 1] are standardised with these before the model (see normalize_input).
 INPUT_MEAN, INPUT_STD = 0.45, 0.25
+# Resolution of the cache: a fixed (H, W) every breast crop is resized to (whole-image mode), or
+# a factor applied to the crop's own size, aspect kept (patch mode; 0.5 = half of native).
+Resolution = tuple[int, int] | float
+FOREGROUND_POINTS = 64  # lesion pixels remembered per class and mammogram, for patch centres
 
 
 class DatasetError(Exception):
@@ -54,8 +68,8 @@ class Mammogram:
 class Preprocessed:
     image: np.ndarray  # uint16 (H, W), breast cropped, flipped to canonical side, resized
     mask: np.ndarray  # uint8 (H, W) class ids
-    meta: dict = field(default_factory=dict)  # original_shape, box, flipped, masks_resized,
-    # rois_lost (ROIs with no pixel left after the crop and resize)
+    meta: dict = field(default_factory=dict)  # original_shape, box, flipped, size, masks_resized,
+    # rois_lost (ROIs with no pixel left after the crop and resize), foreground (class -> points)
 
 
 # ----------------------------------------------------------------------------- CSVs
@@ -206,42 +220,66 @@ def scale_intensities(image: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0, 1) * 65535).astype(np.uint16)
 
 
-def prepare_image(image: np.ndarray, size: tuple[int, int],
-                  canonical_flip: bool = True) -> tuple[np.ndarray, dict]:
-    """Crop to the breast, flip the chest wall to the left, scale to uint16, resize to size.
+def resized_shape(box: Box, resolution: Resolution) -> tuple[int, int]:
+    """(H, W) a breast box is resized to: the fixed size, or the box scaled by the factor."""
+    if isinstance(resolution, float | int) and not isinstance(resolution, bool):
+        y0, y1, x0, x1 = box
+        return max(1, round((y1 - y0) * resolution)), max(1, round((x1 - x0) * resolution))
+    height, width = resolution
+    return int(height), int(width)
 
-    Returns the image and the geometry (original_shape, box, flipped) that apply_geometry
+
+def prepare_image(image: np.ndarray, resolution: Resolution,
+                  canonical_flip: bool = True) -> tuple[np.ndarray, dict]:
+    """Crop to the breast, flip the chest wall to the left, scale to uint16, resize.
+
+    Returns the image and the geometry (original_shape, box, flipped, size) that apply_geometry
     applies to masks and restore_to_original inverts.
     """
     (y0, y1, x0, x1), chest_wall_right = breast_region(image)
     meta = {"original_shape": list(image.shape), "box": [y0, y1, x0, x1],
-            "flipped": bool(canonical_flip and chest_wall_right)}
+            "flipped": bool(canonical_flip and chest_wall_right),
+            "size": list(resized_shape((y0, y1, x0, x1), resolution))}
     cropped = scale_intensities(image[y0:y1, x0:x1])
-    return apply_geometry(cropped, meta, size, cv2.INTER_AREA, cropped=True), meta
+    return apply_geometry(cropped, meta, cv2.INTER_AREA, cropped=True), meta
 
 
-def apply_geometry(array: np.ndarray, meta: dict, size: tuple[int, int],
-                   interpolation: int = cv2.INTER_NEAREST_EXACT, cropped: bool = False) -> np.ndarray:
+def apply_geometry(array: np.ndarray, meta: dict, interpolation: int = cv2.INTER_NEAREST_EXACT,
+                   cropped: bool = False) -> np.ndarray:
     """The crop, flip and resize of prepare_image applied to another array (e.g. a mask)."""
     if not cropped:
         y0, y1, x0, x1 = meta["box"]
         array = array[y0:y1, x0:x1]
     if meta["flipped"]:
         array = array[:, ::-1]
-    height, width = size
+    height, width = meta["size"]
     return cv2.resize(np.ascontiguousarray(array), (width, height), interpolation=interpolation)
 
 
-def preprocess(mammogram: Mammogram, data_root: Path, size: tuple[int, int],
+def foreground_points(mask: np.ndarray, rng: np.random.Generator,
+                      count: int = FOREGROUND_POINTS) -> dict[str, list[list[int]]]:
+    """Up to `count` random (y, x) pixels of each lesion class in mask, for patch centres."""
+    points = {}
+    for cls in range(1, NUM_CLASSES):
+        ys, xs = np.nonzero(mask == cls)
+        if len(ys):
+            chosen = rng.choice(len(ys), size=min(count, len(ys)), replace=False)
+            points[str(cls)] = np.stack([ys[chosen], xs[chosen]], 1).tolist()
+    return points
+
+
+def preprocess(mammogram: Mammogram, data_root: Path, resolution: Resolution,
                canonical_flip: bool = True) -> Preprocessed:
     """A mammogram and its merged mask, ready for the model (see prepare_image)."""
     image = read_pixels(data_root / mammogram.img_path)
     masks, resized = read_roi_masks(mammogram, data_root, image.shape)
-    image, meta = prepare_image(image, size, canonical_flip)
-    mask = apply_geometry(merge_masks(masks, mammogram.class_ids), meta, size)
+    image, meta = prepare_image(image, resolution, canonical_flip)
+    mask = apply_geometry(merge_masks(masks, mammogram.class_ids), meta)
     # A tiny ROI can fall between the pixels of the nearest-neighbour downscale: count it.
-    lost = sum(not apply_geometry(roi.view(np.uint8), meta, size).any() for roi in masks)
-    return Preprocessed(image, mask, {**meta, "masks_resized": resized, "rois_lost": lost})
+    lost = sum(not apply_geometry(roi.view(np.uint8), meta).any() for roi in masks)
+    rng = np.random.default_rng(int(hashlib.sha1(mammogram.img_path.encode()).hexdigest(), 16))
+    return Preprocessed(image, mask, {**meta, "masks_resized": resized, "rois_lost": lost,
+                                      "foreground": foreground_points(mask, rng)})
 
 
 def restore_to_original(array: np.ndarray, meta: dict, interpolation: int) -> np.ndarray:
@@ -262,58 +300,117 @@ def restore_to_original(array: np.ndarray, meta: dict, interpolation: int) -> np
 
 
 class PreprocessCache:
-    """Preprocessed mammograms on disk: <key>.npy (uint16 [image, mask]) and <key>.json (meta).
+    """Preprocessed mammograms on disk: <key>.json (meta), <key>.image.npy (uint16) and
+    <key>.mask.npy (uint8); an entry counts as present once its mask file exists.
 
     Writes go to a temporary file renamed into place, so many DataLoader workers or ranks can
-    fill the cache at once and a killed run never leaves a half-written entry.
+    fill the cache at once and a killed run never leaves a half-written entry. Separate files
+    keep the mask at one byte per pixel and let patches be read by memory map.
     """
 
-    def __init__(self, cache_dir: Path, data_root: Path, size: tuple[int, int],
+    def __init__(self, cache_dir: Path, data_root: Path, resolution: Resolution,
                  canonical_flip: bool = True) -> None:
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data_root = Path(data_root)
-        self.size = tuple(size)
+        self.resolution = resolution if isinstance(resolution, float) else tuple(resolution)
         self.canonical_flip = canonical_flip
+        self._keys: dict[Mammogram, str] = {}
+
+    def _source_stamp(self, relative: str) -> list:
+        path = self.data_root / relative
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise DatasetError(
+                f"cannot read {path}: {error.strerror}. If the CBIS-DDSM folder moved, pass "
+                f"its new location with --data-root") from None
+        return [str(path), stat.st_size, stat.st_mtime_ns]
 
     def key(self, mammogram: Mammogram) -> str:
-        source = [str(self.data_root / mammogram.img_path), mammogram.roi_paths,
-                  mammogram.class_ids, self.size, self.canonical_flip, PREPROCESS_VERSION]
-        return hashlib.sha1(json.dumps(source).encode()).hexdigest()[:20]
+        """Changes with any source file's path, size or modification time (a re-download)."""
+        if mammogram not in self._keys:
+            sources = [self._source_stamp(p) for p in (mammogram.img_path, *mammogram.roi_paths)]
+            resolution = self.resolution if isinstance(self.resolution, float) \
+                else list(self.resolution)
+            source = [sources, mammogram.class_ids, resolution, self.canonical_flip,
+                      PREPROCESS_VERSION]
+            self._keys[mammogram] = hashlib.sha1(json.dumps(source).encode()).hexdigest()[:20]
+        return self._keys[mammogram]
 
-    def paths(self, mammogram: Mammogram) -> tuple[Path, Path]:
+    def paths(self, mammogram: Mammogram) -> tuple[Path, Path, Path]:
+        """(image .npy, mask .npy, meta .json) of an entry."""
         key = self.key(mammogram)
-        return self.dir / f"{key}.npy", self.dir / f"{key}.json"
+        return (self.dir / f"{key}.image.npy", self.dir / f"{key}.mask.npy",
+                self.dir / f"{key}.json")
 
-    def load(self, mammogram: Mammogram) -> tuple[np.ndarray, np.ndarray]:
-        """(image, mask) from the cache, preprocessing and storing them first on a miss."""
-        array_path, _ = self.paths(mammogram)
-        if not array_path.exists():
+    def load(self, mammogram: Mammogram, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(image, mask) from the cache, preprocessing and storing them first on a miss.
+
+        mmap: memory-mapped arrays, for reading patches without loading the whole image. An
+        entry that cannot be read (a damaged disk, a foreign file) is named, deleted and rebuilt.
+        """
+        image_path, mask_path, _ = self.paths(mammogram)
+        if not mask_path.exists():
             self.build(mammogram)
-        stacked = np.load(array_path)
-        return stacked[0], stacked[1].astype(np.uint8)
+        try:
+            return self._read(image_path, mask_path, mmap)
+        except (OSError, ValueError, EOFError) as error:
+            print(f"warning: cache entry {image_path.name} of {mammogram.img_path} is damaged "
+                  f"({error}); rebuilding it", file=sys.stderr)
+            self.build(mammogram)
+            return self._read(image_path, mask_path, mmap)
+
+    @staticmethod
+    def _read(image_path: Path, mask_path: Path, mmap: bool) -> tuple[np.ndarray, np.ndarray]:
+        mode = "r" if mmap else None
+        image, mask = np.load(image_path, mmap_mode=mode), np.load(mask_path, mmap_mode=mode)
+        if image.dtype != np.uint16 or mask.dtype != np.uint8 or image.shape != mask.shape:
+            raise ValueError(f"unexpected arrays {image.dtype}{image.shape}, "
+                             f"{mask.dtype}{mask.shape}")
+        return image, mask
 
     def meta(self, mammogram: Mammogram) -> dict:
-        _, meta_path = self.paths(mammogram)
-        if not meta_path.exists():
+        _, mask_path, meta_path = self.paths(mammogram)
+        if not mask_path.exists():
             self.build(mammogram)
         return json.loads(meta_path.read_text())
 
     def build(self, mammogram: Mammogram) -> dict:
-        result = preprocess(mammogram, self.data_root, self.size, self.canonical_flip)
-        array_path, meta_path = self.paths(mammogram)
-        # Meta first: an entry counts as present once its .npy exists.
+        result = preprocess(mammogram, self.data_root, self.resolution, self.canonical_flip)
+        image_path, mask_path, meta_path = self.paths(mammogram)
         atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(result.meta)))
-
-        def save_array(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a name
-                np.save(f, np.stack([result.image, result.mask]))
-
-        atomic_write(array_path, save_array)
+        for path, array in ((image_path, result.image), (mask_path, result.mask)):  # mask last
+            atomic_write(path, lambda tmp, array=array: _save_npy(tmp, array))
         return result.meta
 
     def missing(self, mammograms: list[Mammogram]) -> list[Mammogram]:
-        return [m for m in mammograms if not self.paths(m)[0].exists()]
+        """The mammograms without an entry (an unreadable source counts: build reports it)."""
+        todo = []
+        for mammogram in mammograms:
+            try:
+                present = self.paths(mammogram)[1].exists()
+            except DatasetError:
+                present = False
+            if not present:
+                todo.append(mammogram)
+        return todo
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add .npy to a name
+        np.save(f, array)
+
+
+def _init_cache_worker() -> None:
+    """A cache-build process: one OpenCV thread (the processes already use every core), and
+    killed with its parent, so an OOM-killed run leaves no worker holding gigabytes."""
+    cv2.setNumThreads(1)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def _build_entry(cache: PreprocessCache, mammogram: Mammogram) -> tuple[dict | None, str | None]:
@@ -347,7 +444,7 @@ def prepare_cache(cache: PreprocessCache, mammograms: list[Mammogram], workers: 
     if workers > 0:
         # One OpenCV thread per process: the processes already use every core.
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                   initializer=cv2.setNumThreads, initargs=(1,))
+                                   initializer=_init_cache_worker)
         results = pool.map(_build_entry, [cache] * len(todo), todo, chunksize=4)
     else:
         pool, results = None, (_build_entry(cache, m) for m in todo)
@@ -384,10 +481,10 @@ class MammogramDataset(Dataset):
         self.cache = cache
 
     @classmethod
-    def from_csv(cls, csv_path: Path, cache_dir: Path, size: tuple[int, int],
+    def from_csv(cls, csv_path: Path, cache_dir: Path, resolution: Resolution,
                  canonical_flip: bool = True, data_root: Path | None = None) -> MammogramDataset:
         rows, recorded_root = read_split_csv(csv_path)
-        cache = PreprocessCache(cache_dir, data_root or recorded_root, size, canonical_flip)
+        cache = PreprocessCache(cache_dir, data_root or recorded_root, resolution, canonical_flip)
         return cls(group_mammograms(rows), cache)
 
     def prepare(self, workers: int = 0, skip_unreadable: bool = False,
@@ -408,6 +505,92 @@ class MammogramDataset(Dataset):
 
     def meta(self, index: int) -> dict:
         return self.cache.meta(self.mammograms[index])
+
+
+class PatchDataset(Dataset):
+    """Random patches of the cached mammograms, read through a memory map: (image uint16
+    [1, h, w], mask uint8 [h, w], mammogram index).
+
+    Item (i, epoch) draws from its own generator seeded by (seed, epoch, i), so an epoch is the
+    same in any worker and after a resume. With probability foreground_fraction (nnU-Net forces
+    a third) the patch contains a lesion: a lesion class is chosen uniformly among those in the
+    set, then a mammogram with it and one of its pixels, so rare calcifications are not starved.
+    Otherwise mammogram i % n and a uniform position. Patches larger than a crop are zero-padded.
+    """
+
+    def __init__(self, images: MammogramDataset, patch_size: tuple[int, int],
+                 patches_per_image: int = 4, foreground_fraction: float = 1 / 3,
+                 seed: int = 0) -> None:
+        self.images = images
+        self.patch_size = tuple(patch_size)
+        self.patches_per_image = patches_per_image
+        self.foreground_fraction = foreground_fraction
+        self.seed = seed
+        self._metas: list[dict] | None = None
+        self._by_class: dict[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images) * self.patches_per_image
+
+    @property
+    def metas(self) -> list[dict]:
+        if self._metas is None:  # after prepare(): every entry exists
+            self._metas = [self.images.meta(i) for i in range(len(self.images))]
+        return self._metas
+
+    @property
+    def with_class(self) -> dict[int, list[int]]:
+        """Lesion class -> indices of the mammograms that show it."""
+        if self._by_class is None:
+            self._by_class = {}
+            for index, meta in enumerate(self.metas):
+                for cls in meta["foreground"]:
+                    self._by_class.setdefault(int(cls), []).append(index)
+        return self._by_class
+
+    def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        position, epoch = item if isinstance(item, tuple) else (item, 0)
+        rng = np.random.default_rng([self.seed, epoch, position])
+        index = position % len(self.images)
+        by_class = self.with_class if rng.random() < self.foreground_fraction else {}
+        if by_class:
+            cls = sorted(by_class)[rng.integers(len(by_class))]
+            index = by_class[cls][rng.integers(len(by_class[cls]))]
+            points = self.metas[index]["foreground"][str(cls)]
+            centre = points[rng.integers(len(points))]
+        height, width = self.metas[index]["size"]
+        patch_h, patch_w = self.patch_size
+        if by_class:  # anywhere such that the lesion pixel is inside the patch
+            top = centre[0] - int(rng.integers(patch_h))
+            left = centre[1] - int(rng.integers(patch_w))
+        else:
+            top = int(rng.integers(min(0, height - patch_h), max(0, height - patch_h) + 1))
+            left = int(rng.integers(min(0, width - patch_w), max(0, width - patch_w) + 1))
+        # Keep the patch inside the crop where the crop is large enough.
+        top = min(max(top, min(0, height - patch_h)), max(0, height - patch_h))
+        left = min(max(left, min(0, width - patch_w)), max(0, width - patch_w))
+        image, mask = self.images.cache.load(self.images.mammograms[index], mmap=True)
+        return (torch.from_numpy(read_window(image, top, left, self.patch_size)).unsqueeze(0),
+                torch.from_numpy(read_window(mask, top, left, self.patch_size)), index)
+
+
+def read_window(array: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
+    """array[top:top+h, left:left+w] with zeros where the window leaves the array."""
+    height, width = size
+    window = np.zeros((height, width), array.dtype)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + height, array.shape[0]), min(left + width, array.shape[1])
+    if y1 > y0 and x1 > x0:
+        window[y0 - top:y1 - top, x0 - left:x1 - left] = array[y0:y1, x0:x1]
+    return window
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler whose items are (index, epoch), so a PatchDataset draws new patches
+    each epoch without state in the workers (persistent workers keep their own copies)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, self.epoch) for index in super().__iter__())
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -1,9 +1,11 @@
 """Evaluate a trained checkpoint on a retrieval CSV (the official test split by default).
 
-Predictions are made at the training size, mapped back through the breast crop and flip to the
-original mammogram's pixels and compared with the original ROI masks, as the literature reports;
-the training-size figures are kept too, under "training_resolution". Confidence intervals come
-from a bootstrap over patients. Test_deep_labV3+.py is the command-line entry.
+Predictions are made as the model was trained (whole image at its training size, or a sliding
+window over the breast crop at its cache scale; see inference.py), mapped back through the
+breast crop and flip to the original mammogram's pixels and compared with the original ROI
+masks, as the literature reports; the figures at the model's own resolution are kept too, under
+"training_resolution". Confidence intervals come from a bootstrap over patients.
+Test_deep_labV3+.py is the command-line entry.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -29,15 +30,13 @@ from dataset import (
     DatasetError,
     MammogramDataset,
     merge_masks,
-    normalize_input,
     read_roi_masks,
-    restore_to_original,
     unit_range,
 )
+from inference import predict_at_original, predict_probabilities, resolution_of
 from main_retrieval import FOLDER_RE
 from metrics import CLASS_NAMES
 from model import build_model
-from training import autocast_for
 from utils import (
     CheckpointError,
     HelpFormatter,
@@ -112,27 +111,6 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dic
         raise CheckpointError(f"{path} does not fit a {config['backbone']} DeepLabV3+ with "
                               f"{config['num_classes']} classes: {error}") from error
     return model.to(device).eval(), config
-
-
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
-                          amp: str = "auto") -> np.ndarray:
-    """Softmax probabilities (N, C, H, W) float32 on the CPU for uint16 images."""
-    with autocast_for(device, amp):
-        logits = model(normalize_input(unit_range(images.to(device))))
-    return logits.float().softmax(1).cpu().numpy()
-
-
-def predict_at_original(probs: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(class map uint8, abnormality probability) at the original mammogram's pixels.
-
-    Probabilities (C, H, W) at training size are interpolated back through the breast crop and
-    flip; outside the crop every probability is 0, so the argmax there is background.
-    """
-    restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), meta,
-                                   cv2.INTER_LINEAR)
-    # Summed lesion classes, not 1 - p(background): outside the crop both are 0, not 1.
-    return restored.argmax(-1).astype(np.uint8), restored[..., 1:].sum(-1)
 
 
 def image_folder_name(img_path: str) -> str:
@@ -295,17 +273,19 @@ def run(args) -> dict:
     model, config = load_trained_model(checkpoint_path, device)
     out = args.out or Path("results") / checkpoint_path.stem
     out.mkdir(parents=True, exist_ok=True)
-    dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, tuple(config["size"]),
+    dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, resolution_of(config),
                                         config["canonical_flip"], args.data_root)
     prepared = dataset.prepare(args.workers, args.skip_unreadable, args.progress)
     for img_path, error in prepared.skipped:
         print(f"skipped {img_path}: {error}", file=sys.stderr)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    # Patch mode: crops differ in size, one at a time; --batch-size counts sliding-window tiles.
+    loader = DataLoader(dataset, batch_size=1 if config.get("patch_size") else args.batch_size,
+                        num_workers=args.workers)
     acc = Accumulator()
     overlays = []
     bar = tqdm(total=len(dataset), desc="evaluating", unit="img", disable=not args.progress)
     for images, masks, indices in loader:
-        probs = predict_probabilities(model, images, device, args.amp)
+        probs = predict_probabilities(model, images, device, config, args.amp, args.batch_size)
         for image, mask, index, prob in zip(images, masks, indices.tolist(), probs, strict=True):
             mammogram = dataset.mammograms[index]
             meta = dataset.meta(index)

@@ -63,7 +63,7 @@ HEADER_TAGS = ["SeriesDescription", "Rows", "Columns"]
 DUPLICATE = "duplicate row in the description CSVs"
 KAGGLE_INFO = Path("csv") / "dicom_info.csv"  # with jpeg/: the Kaggle copy's root
 KAGGLE_INFO_COLUMNS = ["image_path", "SeriesDescription", "Rows", "Columns"]
-KAGGLE_SUFFIXES = (".jpg", ".jpeg", ".png")
+KAGGLE_SUFFIX = ".jpg"  # every image of the copy
 
 
 class RetrievalError(Exception):
@@ -242,7 +242,7 @@ def kaggle_tree(data_root: Path) -> Tree:
     for entry in os.scandir(data_root / "jpeg"):
         if entry.is_dir():
             folders[entry.name] = sorted(p for p in Path(entry.path).iterdir()
-                                         if p.suffix.lower() in KAGGLE_SUFFIXES)
+                                         if p.suffix.lower() == KAGGLE_SUFFIX)
 
     def read(path: Path) -> ImageInfo | None:
         known = facts.get("/".join(path.parts[-3:]))
@@ -275,7 +275,7 @@ def looks_like_mask(pixels: np.ndarray) -> bool:
     return bool(((pixels <= low + band) | (pixels >= high - band)).mean() >= 0.9)
 
 
-def kind_from_content(info: ImageInfo, full: ImageInfo) -> str | None:
+def kind_from_size_or_content(info: ImageInfo, full: ImageInfo) -> str | None:
     """A file whose header does not say: its mammogram's size means a mask (a crop is the
     lesion's box), else its grey levels decide."""
     if (info.rows, info.columns) == (full.rows, full.columns):
@@ -292,7 +292,7 @@ def find_roi_files(infos: list[ImageInfo],
     untyped = 0
     for info in infos:
         if info.kind not in ("crop", "mask"):
-            info.kind = kind_from_content(info, full)
+            info.kind = kind_from_size_or_content(info, full)
             untyped += 1
     masks = [i for i in infos if i.kind == "mask"]
     crops = [i for i in infos if i.kind == "crop"]

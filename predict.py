@@ -6,9 +6,10 @@ Per image, into --out:
   <name>_mask.png     uint8 class ids (0 background, 1 benign, 2 mass, 3 calc) at the original size
   <name>_overlay.png  image | predicted classes blended over it, at most OVERLAY_HEIGHT px tall
   <name>.json         source, original_size {height, width}, breast_box and flipped (the crop
-                      the model saw), malignancy_score (max of p(mass), p(calc) at training
-                      size) and lesions: class, class_id, score (max abnormality probability),
-                      bbox [x0, y0, x1, y1] (end-exclusive, original pixels), area, centroid [x, y]
+                      the model saw), malignancy_score (max of p(mass), p(calc) at the
+                      model's resolution) and lesions: class, class_id, score (max abnormality
+                      probability), bbox [x0, y0, x1, y1] (end-exclusive, original pixels),
+                      area, centroid [x, y]
   <name>_seg.dcm      DICOM inputs where a lesion is found: the mask as a DICOM Segmentation
                       (one segment per class found; see dicom_seg.py)
 
@@ -16,7 +17,8 @@ Files whose DICOM header calls them ROI masks or cropped images (a TCIA case tre
 beside the mammograms), and images that look like masks, are skipped with a message; images too
 small to be mammograms are predicted with a warning.
 
-The model sees the breast crop at its training size; its probabilities are mapped back through
+The model sees the breast crop as it was trained (resized to its training size, or at its cache
+scale through a sliding window: see inference.py); its probabilities are mapped back through
 the crop and flip with linear interpolation and the class is their argmax, so everything outside
 the crop is background. <name> is the file stem, or where stems repeat (the TCIA tree calls every
 file 1-1.dcm) the CBIS-DDSM case folder on its path (e.g. Mass-Test_P_00016_LEFT_CC), else its
@@ -48,13 +50,8 @@ from dataset import (
     scale_intensities,
 )
 from dicom_seg import SegAlgorithm, segmentation_algorithm, write_dicom_seg
-from evaluation import (
-    image_folder_name,
-    load_trained_model,
-    predict_at_original,
-    predict_probabilities,
-    resolve_checkpoint,
-)
+from evaluation import image_folder_name, load_trained_model, resolve_checkpoint
+from inference import predict_at_original, predict_probabilities, resolution_of
 from main_retrieval import kind_from_description, looks_like_mask
 from metrics import CLASS_NAMES, lesion_candidates
 from report import CLASS_COLOURS, overlay_panel
@@ -158,9 +155,10 @@ def load_image(path: Path) -> np.ndarray:
     """The 2-D grayscale pixels of a DICOM, PNG or JPEG (see dataset.read_pixels).
 
     Raises DatasetError naming the file and the reason for an unreadable file, an ROI mask or
-    a cropped image (by its DICOM SeriesDescription, or for a mask by its two grey levels);
-    prints a warning for an image too small to be a mammogram.
+    a cropped image (by its DICOM SeriesDescription; where none says what the file is, a mask
+    by its two grey levels); prints a warning for an image too small to be a mammogram.
     """
+    description = ""  # PNG and JPEG have none, nor have some CBIS-DDSM masks
     if is_dicom(path):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True,
@@ -171,7 +169,7 @@ def load_image(path: Path) -> np.ndarray:
         if kind_from_description(description) in ("mask", "crop"):
             raise DatasetError(f"{path} is not a mammogram (SeriesDescription {description!r})")
     image = read_pixels(path)
-    if looks_like_mask(image[::8, ::8]):
+    if not description and looks_like_mask(image[::8, ::8]):
         raise DatasetError(f"{path} is not a mammogram: nearly all of it is at two grey "
                             "levels, like an ROI mask")
     if max(image.shape) < MIN_MAMMOGRAM_SIDE:
@@ -205,7 +203,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 class _Loaded:
     path: Path
     name: str
-    image: np.ndarray  # uint16 at training size, as the model was trained on
+    image: np.ndarray  # uint16 at the checkpoint's resolution, as the model was trained on
     meta: dict  # prepare_image's geometry
     display: np.ndarray  # small float copy for the overlay
 
@@ -213,7 +211,7 @@ class _Loaded:
 def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
                    algorithm: SegAlgorithm | None = None) -> dict:
     """Mask, overlay, JSON and, for a DICOM with `algorithm` given, DICOM SEG of one image from
-    its (C, H, W) training-size probabilities; returns the JSON's content."""
+    its (C, H, W) probabilities at the model's resolution; returns the JSON's content."""
     mask, abnormality = predict_at_original(probs, item.meta)
     lesions = []
     for candidate in lesion_candidates(abnormality, mask):
@@ -266,15 +264,17 @@ def predict_files(files: list[Path], names: list[str], model: nn.Module, config:
                   algorithm: SegAlgorithm | None = None) -> Summary:
     """Predict every file in batches and write its outputs as <name>_* into out (a DICOM SEG
     per DICOM when `algorithm` identifies the model); files that cannot be read, ROI masks and
-    crops are reported on stderr (one line each) and skipped."""
+    crops are reported on stderr (one line each) and skipped. A patch-trained checkpoint sees
+    one image at a time through its sliding window, batch_size tiles at once."""
     out.mkdir(parents=True, exist_ok=True)
-    size = tuple(config["size"])
+    resolution = resolution_of(config)
+    images_per_batch = 1 if config.get("patch_size") else batch_size
     summary = Summary()
     todo = list(zip(files, names, strict=True))
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not progress)
-    for start in range(0, len(todo), batch_size):
+    for start in range(0, len(todo), images_per_batch):
         batch = []
-        for path, name in todo[start:start + batch_size]:
+        for path, name in todo[start:start + images_per_batch]:
             try:
                 image = load_image(path)
             except DatasetError as error:
@@ -283,13 +283,13 @@ def predict_files(files: list[Path], names: list[str], model: nn.Module, config:
                 tqdm.write(f"skipped: {reason}", file=sys.stderr)
                 bar.update()
                 continue
-            prepared, meta = prepare_image(image, size, config["canonical_flip"])
+            prepared, meta = prepare_image(image, resolution, config["canonical_flip"])
             batch.append(_Loaded(path, name, prepared, meta, _display_image(image)))
         if not batch:
             continue
         images = torch.from_numpy(np.stack([item.image for item in batch])).unsqueeze(1)
-        for item, probs in zip(batch, predict_probabilities(model, images, device, amp),
-                               strict=True):
+        probs_batch = predict_probabilities(model, images, device, config, amp, batch_size)
+        for item, probs in zip(batch, probs_batch, strict=True):
             summary.records.append(_write_outputs(item, probs, out, min_area, algorithm))
             bar.update()
     bar.close()

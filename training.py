@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,14 @@ from dataset import (
     NUM_CLASSES,
     PREPROCESS_VERSION,
     DatasetError,
+    EpochSampler,
     MammogramDataset,
+    PatchDataset,
     augment_batch,
     normalize_input,
     unit_range,
 )
+from inference import predict_logits, resolution_of
 from metrics import CLASS_NAMES
 from model import SUPPORTED_BACKBONES, build_model
 from report import plot_training_curves
@@ -44,6 +46,7 @@ from utils import (
     add_device_flags,
     all_reduce_sum,
     append_csv_row,
+    autocast_for,
     barrier,
     check_config_matches,
     cleanup_distributed,
@@ -81,7 +84,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="ImageNet encoder weights: a local .pth file, or a torchvision weights name "
              "such as IMAGENET1K_V1 (downloads; needs network). Default: random init")
     add("--size", type=int, nargs=2, default=[1024, 640], metavar=("H", "W"),
-        help="training input height and width (breast crops are tall)")
+        help="whole-image mode: every breast crop is resized to this height and width")
+    add("--patch-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+        help="patch mode: train on patches of this size cut from the breast crop at --scale, "
+             "and infer with a sliding window (e.g. 512 512); default: whole-image mode")
+    add("--scale", type=float, default=0.5,
+        help="patch mode: the breast crop is cached at this fraction of its original size "
+             "(1 = native resolution, ~50 um/px on CBIS-DDSM)")
+    add("--patches-per-image", type=int, default=4,
+        help="patch mode: patches drawn per training mammogram and epoch")
+    add("--foreground-fraction", type=float, default=1 / 3,
+        help="patch mode: share of patches centred on a lesion (class chosen uniformly)")
+    add("--sw-overlap", type=float, default=0.25,
+        help="patch mode: overlap of the sliding-window tiles at validation and test time")
     add("--no-canonical-flip", dest="canonical_flip", action="store_false",
         help="keep each breast's side instead of flipping the chest wall to the left")
     add("--epochs", type=int, default=40, help="number of epochs")
@@ -145,15 +160,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int,
 # ----------------------------------------------------------------------------- steps
 
 
-def autocast_for(device: torch.device, amp: str):
-    """The autocast context for --amp on this device (auto: bf16 on CUDA, none on CPU)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch as the dataset gives it (uint16, uint8) -> float images in [0, 1] on device."""
@@ -194,15 +200,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, args,
              dist_info: DistInfo) -> dict:
-    """Validation loss and per-class Dice pooled over the set (all ranks), at training size."""
+    """Validation loss and per-class Dice pooled over the set (all ranks), at the cache's
+    resolution: whole images, or whole breast crops through the sliding window in patch mode."""
     model.eval()
+    config = model_config(args)
     stats = torch.zeros(NUM_CLASSES, 3, dtype=torch.float64, device=device)  # inter, pred, truth
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc="val", leave=False, disable=not (args.progress and dist_info.is_main))
     for images, masks, _ in bar:
         images, masks = to_device(images, masks, device, device.type == "cuda")
-        with autocast_for(device, args.amp):
-            logits = model(normalize_input(images))
+        logits = predict_logits(model, images, config, args.amp, args.batch_size)
         loss_sum[0] += segmentation_loss(logits, masks, args.dice_weight) * len(images)
         loss_sum[1] += len(images)
         pred = logits.argmax(1)
@@ -223,6 +230,9 @@ def model_config(args) -> dict:
     return {"backbone": args.backbone, "num_classes": NUM_CLASSES, "in_channels": 1,
             "output_stride": args.output_stride, "decoder_channels": args.decoder_channels,
             "size": list(args.size),
+            "patch_size": list(args.patch_size) if args.patch_size else None,
+            "scale": args.scale if args.patch_size else None,
+            "sw_overlap": args.sw_overlap if args.patch_size else None,
             "canonical_flip": args.canonical_flip, "preprocess_version": PREPROCESS_VERSION,
             "class_names": list(CLASS_NAMES)}
 
@@ -270,29 +280,36 @@ def build_training_state(args, device: torch.device, pretrained: str | None, war
     return model, optimizer, scheduler, scaler
 
 
-def make_loader(dataset: MammogramDataset, args, dist_info: DistInfo, train: bool,
+def make_loader(dataset: MammogramDataset | PatchDataset, args, dist_info: DistInfo, train: bool,
                 device: torch.device) -> tuple[DataLoader, DistributedSampler | list[int]]:
     """Training: a shuffling DistributedSampler (set_epoch gives each epoch its own order), also
-    with one process. Validation: each rank a disjoint, unpadded share, so no image counts twice.
+    with one process; for patches it hands each item its epoch too. Validation: each rank a
+    disjoint, unpadded share, so no image counts twice; one crop at a time in patch mode, where
+    crops differ in size (the sliding window batches its tiles).
     """
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size,
-                                     rank=dist_info.rank, shuffle=True, seed=args.seed)
+        sampler_type = EpochSampler if args.patch_size else DistributedSampler
+        sampler = sampler_type(dataset, num_replicas=dist_info.world_size,
+                               rank=dist_info.rank, shuffle=True, seed=args.seed)
     else:
         sampler = list(range(dist_info.rank, len(dataset), dist_info.world_size))
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+    batch_size = 1 if args.patch_size and not train else args.batch_size
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0, drop_last=train,
                         prefetch_factor=4 if args.workers > 0 else None)
     return loader, sampler
 
 
-def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset, MammogramDataset]:
-    """Train and val datasets with their cache built once (by rank 0, in parallel)."""
+def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset | PatchDataset,
+                                                      MammogramDataset]:
+    """Train and val datasets with their cache built once (by rank 0, in parallel). In patch
+    mode the training set yields patches and validation sees whole crops."""
     datasets = []
     for split in ("train", "val"):
         dataset = MammogramDataset.from_csv(args.csv_dir / f"{split}.csv", args.cache_dir,
-                                            tuple(args.size), args.canonical_flip, args.data_root)
+                                            resolution_of(model_config(args)),
+                                            args.canonical_flip, args.data_root)
         if dist_info.is_main:
             report = dataset.prepare(args.workers, args.skip_unreadable, args.progress)
             for img_path, error in report.skipped:
@@ -305,7 +322,11 @@ def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset, Mammogra
         if not dist_info.is_main:  # the cache is complete now; this drops what rank 0 skipped
             dataset.prepare(0, args.skip_unreadable, progress=False)
         datasets.append(dataset)
-    return datasets[0], datasets[1]
+    train_set, val_set = datasets
+    if args.patch_size:
+        train_set = PatchDataset(train_set, tuple(args.patch_size), args.patches_per_image,
+                                 args.foreground_fraction, args.seed)
+    return train_set, val_set
 
 
 def train(args, given: set[str] = frozenset()) -> dict:
@@ -358,8 +379,11 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
     if dist_info.is_main:
         args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         drop_log_rows_after(log_path, start_epoch)
-        print(f"training {args.backbone} DeepLabV3+ on {len(train_set)} mammograms "
-              f"({len(val_set)} val) at {args.size[0]}x{args.size[1]}, {dist_info.world_size} "
+        inputs = (f"{args.patch_size[0]}x{args.patch_size[1]} patches at scale {args.scale}"
+                  if args.patch_size else f"{args.size[0]}x{args.size[1]}")
+        print(f"training {args.backbone} DeepLabV3+ on {len(train_set)} "
+              f"{'patches per epoch' if args.patch_size else 'mammograms'} "
+              f"({len(val_set)} val mammograms) at {inputs}, {dist_info.world_size} "
               f"process(es) on {device}, epochs {start_epoch + 1}..{args.epochs}")
     row = {}
     for epoch in range(start_epoch, args.epochs):

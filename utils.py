@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -109,6 +110,15 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- randomness, devices
+
+
+def autocast_for(device: torch.device, amp: str) -> AbstractContextManager:
+    """The autocast context for --amp on this device (auto: bf16 on CUDA, none on CPU)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def seed_everything(seed: int) -> None:

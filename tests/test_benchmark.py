@@ -12,12 +12,16 @@ def test_benchmark_writes_the_three_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--size", "64", "64", "--batch-size", "2", "--backbone", "resnet18",
             "--dicom-size", "240", "150", "--images", "2", "--warmup", "1", "--steps", "1",
-            "--repeats", "1", "--workers", "0", "--work-dir", str(tmp_path), "--json", str(out)]
+            "--repeats", "1", "--workers", "0", "--patch-size", "64", "64", "--work-dir",
+            str(tmp_path), "--json", str(out)]
     assert benchmark.main(argv) == 0
     results = json.loads(out.read_text())
     for key in ("data_path_speedup", "model_step_speedup", "end_to_end_fraction"):
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0
     assert results["device"] == "cpu"
+    patch = results["patch_mode"]
+    assert patch["original"] == [240, 150] and patch["windows"] >= 2 and patch["seconds"] > 0
+    assert patch["cache_mb_per_image"] > 0
     assert results["settings"]["backbone"] == "resnet18"
     assert "model step" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # temporary data removed

@@ -23,7 +23,7 @@ from dataset import (
     read_split_csv,
     restore_to_original,
 )
-from evaluation import predict_at_original
+from inference import predict_at_original
 from synthetic import write_dicom
 from tests.conftest import SIZE
 
@@ -90,6 +90,42 @@ def test_cache_hit_means_no_second_decode(csv_dir, tmp_path, monkeypatch):
     again = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
     assert again.prepare(progress=False).cached == len(again)
     assert len(decoded) == n_files
+
+
+def _copy_of_val_set(csv_dir: Path, tmp_path: Path) -> tuple[MammogramDataset, Path]:
+    """The val split over a private copy of its DICOMs (so a test may replace or damage them)."""
+    rows, root = read_split_csv(csv_dir / "val.csv")
+    copy_root = tmp_path / "data"
+    for relative in {*rows["img_path"], *rows["roi_path"]}:
+        (copy_root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (copy_root / relative).write_bytes((root / relative).read_bytes())
+    data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE,
+                                     data_root=copy_root)
+    return data, copy_root
+
+
+def test_dicom_replaced_in_place_is_preprocessed_again(csv_dir, tmp_path):
+    data, copy_root = _copy_of_val_set(csv_dir, tmp_path)
+    assert data.prepare(progress=False).built == len(data)
+    source = copy_root / data.mammograms[0].img_path
+    image = dataset.read_pixels(source)
+    write_dicom(source, (65535 - image).astype(np.uint16), patient_id="x",
+                series_description="full mammogram images")  # a corrected re-download
+    again = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE,
+                                      data_root=copy_root)
+    report = again.prepare(progress=False)
+    assert report.built == 1 and report.cached == len(data) - 1
+
+
+def test_damaged_cache_entry_is_named_and_rebuilt(csv_dir, tmp_path, capsys):
+    data, _ = _copy_of_val_set(csv_dir, tmp_path)
+    data.prepare(progress=False)
+    expected = data[0]
+    image_path, _, _ = data.cache.paths(data.mammograms[0])
+    image_path.write_bytes(image_path.read_bytes()[:200])  # truncated by a full disk
+    image, mask, _ = data[0]
+    assert torch.equal(image, expected[0]) and torch.equal(mask, expected[1])
+    assert image_path.name in capsys.readouterr().err
 
 
 def test_prepare_builds_in_parallel_processes(csv_dir, tmp_path):
@@ -169,7 +205,7 @@ def test_prediction_maps_back_through_crop_and_flip(chest_wall_right):
     assert meta["flipped"] == chest_wall_right
     y0, y1, x0, x1 = meta["box"]
     assert y0 <= 40 and y1 >= 260 and y1 - y0 < 240 and x1 - x0 < 140  # label dropped
-    small = apply_geometry(lesion, meta, (110, 60))
+    small = apply_geometry(lesion, meta)
     assert small.shape == resized.shape == (110, 60)
     # A "prediction" equal to the small truth maps back onto the original lesion.
     restored = restore_to_original(small, meta, interpolation=0)
