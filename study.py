@@ -39,14 +39,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--out", type=Path, default=Path("runs/study"), help="folder for data, runs and results")
     add("--patients", type=int, default=80, help="synthetic patients (1-3 mammograms each)")
-    add("--native-size", type=int, nargs=2, default=[1600, 960], metavar=("H", "W"),
+    add("--native-size", type=int, nargs=2, default=[2048, 1216], metavar=("H", "W"),
         help="synthetic mammogram size; every lesion size scales with it")
     add("--downsample", type=float, default=5.0,
         help="whole-image mode trains at native size / this (a real scan at 1024x640 is ~5x)")
     add("--patch-size", type=int, nargs=2, default=[192, 192], metavar=("H", "W"),
         help="patch mode: tile size at native resolution")
-    add("--whole-epochs", type=int, default=60, help="epochs of the whole-image run")
-    add("--patch-epochs", type=int, default=12, help="epochs of the patch run")
+    add("--whole-epochs", type=int, default=30, help="epochs of the whole-image run")
+    add("--patch-epochs", type=int, default=8, help="epochs of the patch run")
     add("--patches-per-image", type=int, default=8, help="patch mode: patches per image, epoch")
     add("--backbone", default="resnet18", help="encoder of both runs")
     add("--workers", type=int, default=2, help="DataLoader workers and cache builders")

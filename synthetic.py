@@ -1,4 +1,4 @@
-"""Write a small CBIS-DDSM-shaped tree whose lesions a segmentation model learns quickly.
+"""Write a CBIS-DDSM-shaped tree, with quick-to-learn (demo) or realistic lesions.
 
 Folder layout, DICOM headers and the four description CSVs follow the real TCIA download,
 quirks included (see DESIGN.md), so the retrieval step and everything after it run unchanged.
@@ -7,6 +7,44 @@ description CSVs with TCIA-style paths, dicom_info.csv, meta.csv) and jpeg/<seri
 8-bit JPEGs named 1-<n>.jpg or 2-<n>.jpg whatever they hold, with that copy's quirks (crop and
 mask in either order, masks without SeriesDescription, non-binary JPEG masks, the defects).
 Lesions are drawn in a chest-wall-on-the-left frame and the image is mirrored for RIGHT breasts.
+
+The demo profile's lesions are sized and lit to survive the downsample to training resolution,
+so a model learns them in minutes. The realistic profile is calibrated to the real set (DESIGN.md
+"Real sizes"); every size is a fraction of the image, so any --size keeps the ratios and a
+smaller one looks like a downsampled scan (specks and grain shrink as they would):
+
+| parameter                       | realistic value                   | calibrated to            |
+|---------------------------------|-----------------------------------|--------------------------|
+| breast                          | 55-72% of the width deep, 82-92%  | judgement from real CC   |
+|                                 | of the height tall; the image's   | views; real scans are    |
+|                                 | aspect is --size's (2048 1216 is  | ~5300x3000               |
+|                                 | close to the real one)            |                          |
+| mass ROI box height / H         | two-piece log-normal: median      | 177 real lesions (crop   |
+|                                 | 0.068, p5 0.033, p95 0.116        | sizes, dicom_info.csv)   |
+| calcification cluster box / H   | median 0.054, p5 0.021, p95 0.209 | the same sample          |
+| calcification length            | 2-9 px pleomorphic, 4-14 fine     | 0.1-1 mm at ~50 um/px    |
+|                                 | linear, 7-20 round, 10-20 rod, at |                          |
+|                                 | 5300 rows (times H / 5300)        |                          |
+| calcification peak contrast     | ~5% of the range (malignant) at   | judgement: contrast to   |
+|                                 | 2048 rows                         | noise ~4 at 2048 rows,   |
+|                                 |                                   | ~1 after a 5x downsample |
+| mass and dense-island contrast  | ~2-5% of the range above tissue   | judgement: like the      |
+|                                 |                                   | dense-tissue mottle      |
+| glandular share, density 1-4    | 12 / 37 / 62 / 85%, brighter and  | BI-RADS: <25, 25-50,     |
+|                                 | more mottled with density         | 51-75, >75% dense        |
+| film curve, grain               | brightness saturates with tissue  | digitised film: dense    |
+|                                 | (dense tissue swallows contrast); | tissue hides lesions     |
+|                                 | grain 1.5% of the range at 5300   |                          |
+|                                 | rows, falling with H / 5300       |                          |
+| ROI masks                       | a smoothed, jittered outline      | CBIS-DDSM's hand-drawn   |
+|                                 | 10-25% larger than the mass or    | outlines                 |
+|                                 | the whole cluster                 |                          |
+| margins, shapes, calcification  | drawn as the CSV row says: e.g.   | the CSV's descriptors;   |
+| type and distribution; subtlety | SPICULATED rays, PLEOMORPHIC      | subtlety 1-5 scales the  |
+|                                 | irregular specks, SEGMENTAL line  | contrast 0.7-1.1x        |
+| look-alikes (background)        | dense islands, calcified vessels  | judgement                |
+|                                 | (specks along both walls), skin   |                          |
+|                                 | folds; film label, scanner edges  |                          |
 """
 
 from __future__ import annotations
@@ -63,6 +101,35 @@ _ASSESSMENT = {
 }
 _PATHOLOGY = (["MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"], [0.45, 0.40, 0.15])
 _VIEWS = [(side, view) for side in ("LEFT", "RIGHT") for view in ("CC", "MLO")]
+PROFILES = ("demo", "realistic")
+
+# The realistic profile's calibration (module docstring). Sizes are fractions of the image or px
+# of a NATIVE_ROWS-row scan; intensities are attenuation, which FILM_GAMMA maps to brightness.
+NATIVE_ROWS = 5300  # a real scan's rows at ~50 um/px
+BREAST_DEPTH = (0.55, 0.72)  # chest wall to nipple, fraction of the width
+BREAST_HALF_HEIGHT = (0.41, 0.46)  # fraction of the height: the breast fills 82-92% of it
+MASS_BOX_RATIO = (0.068, 0.033, 0.116)  # box height / image height: median, p5, p95
+CALC_BOX_RATIO = (0.054, 0.021, 0.209)
+DENSE_FRACTION = {1: 0.12, 2: 0.37, 3: 0.62, 4: 0.85}  # BI-RADS: <25%, 25-50, 51-75, >75%
+DENSE_ATTENUATION = {1: 0.08, 2: 0.12, 3: 0.16, 4: 0.2}  # over fat's 0.28
+DENSE_TEXTURE = {1: 0.02, 2: 0.026, 3: 0.032, 4: 0.038}  # its mottle's spread
+FILM_GAMMA, FILM_FOG = 2.0, 0.03
+GRAIN = 0.015  # grain's spread at NATIVE_ROWS, fraction of the range
+MASS_ATTENUATION = (0.03, 0.06)
+CALC_ATTENUATION = (0.09, 0.18)  # fine specks' peak, before area sampling dilutes it
+COARSE_CALC_ATTENUATION = (0.1, 0.18)
+SPECK_LENGTH = {  # px at NATIVE_ROWS, log-uniform; real calcifications are 0.1-1 mm
+    "PLEOMORPHIC": (2, 9),
+    "FINE_LINEAR_BRANCHING": (4, 14),
+    "ROUND_AND_REGULAR": (7, 20),
+    "LARGE_RODLIKE": (10, 20),
+}
+SPECK_ASPECT = {  # length / width
+    "PLEOMORPHIC": (1, 2.2),
+    "FINE_LINEAR_BRANCHING": (2.5, 4.5),
+    "ROUND_AND_REGULAR": (1, 1.25),
+    "LARGE_RODLIKE": (2.5, 4),
+}
 
 
 def write_dicom(
@@ -296,8 +363,422 @@ def _film_label(img: np.ndarray, rng: np.random.Generator) -> None:
         img[by : by + max(1, lh // 4), bx : bx + max(1, lw // 8)] = 0.25 * MAX_VALUE
 
 
-def _render(m: _Mammogram, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+def _box_ratio(
+    quantiles: tuple[float, float, float], cap: float, rng: np.random.Generator
+) -> float:
+    """Box height / image height from a two-piece log-normal through (median, p5, p95)."""
+    median, p5, p95 = quantiles
+    z = rng.standard_normal()
+    spread = np.log(median / p5) if z < 0 else np.log(p95 / median)  # each tail fits its own
+    return min(median * float(np.exp(z * spread / 1.6449)), cap)
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    """0 below 0, 1 above 1, smooth between: soft edges that end exactly, unlike a Gaussian."""
+    x = np.clip(x, 0, 1)
+    return x * x * (3 - 2 * x)
+
+
+def _fractal_noise(
+    h: int, w: int, coarsest: int, finest: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Unit-variance noise with breast tissue's 1/f^3 power spectrum, from `coarsest` to `finest`
+    cells across the width: each finer octave adds detail at 1/sqrt(2) the amplitude."""
+    cells, amplitude, field = coarsest, 1.0, None
+    while True:
+        shape = (max(2, cells * h // w), cells)
+        octave = amplitude * rng.standard_normal(shape, dtype=np.float32)
+        if field is not None:
+            octave += cv2.resize(field, shape[::-1], interpolation=cv2.INTER_CUBIC)
+        field = octave
+        if cells * 2 > min(finest, w // 2):
+            break
+        cells, amplitude = cells * 2, amplitude / np.sqrt(2)
+    field = cv2.resize(field, (w, h), interpolation=cv2.INTER_CUBIC)
+    return field / field[::8, ::8].std()
+
+
+@dataclass
+class _Anatomy:
+    ellipse: tuple[float, float, float]  # breast depth a, half height b, centre row
+    attenuation: np.ndarray  # float32 (h, w), 0 outside the breast
+    glandular: np.ndarray  # float32 (h, w), 0 (fat) to 1 (fibroglandular tissue)
+
+
+def _anatomy(h: int, w: int, density: int, rng: np.random.Generator) -> _Anatomy:
+    """Breast outline, fat and fibroglandular tissue for a BI-RADS density (1 fatty, 4 dense)."""
+    a, b = w * rng.uniform(*BREAST_DEPTH), h * rng.uniform(*BREAST_HALF_HEIGHT)
+    cy = h * rng.uniform(0.48, 0.52)
+    xs = np.arange(w, dtype=np.float32) / a
+    ys = (np.arange(h, dtype=np.float32) - cy) / b
+    radius = np.sqrt(xs[None, :] ** 2 + ys[:, None] ** 2)
+    thickness = np.sqrt(np.clip((1 - radius) / 0.12, 0, 1))  # thins over the last 12% to the skin
+    # Glands gather in the middle of the breast; fat lines the skin and the chest wall.
+    tendency = _fractal_noise(h, w, 3, 24, rng) - 3 * ((xs[None, :] - 0.45) ** 2 + ys[:, None] ** 2)
+    breast = radius[::8, ::8] < 1
+    level = np.quantile(tendency[::8, ::8][breast], 1 - DENSE_FRACTION[density])
+    glandular = _smoothstep((tendency - level) / 2.5 + 0.5)
+    texture = _fractal_noise(h, w, 8, 256, rng)
+    dense = DENSE_ATTENUATION[density] + DENSE_TEXTURE[density] * texture
+    tissue = 0.28 + glandular * dense + 0.006 * texture
+    return _Anatomy((a, b, cy), thickness * tissue, glandular)
+
+
+def _expose(attenuation: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Film: brightness saturates with attenuation (dense tissue swallows contrast), plus grain
+    whose per-pixel spread falls with the size as when a real scan is downsampled."""
+    h = attenuation.shape[0]
+    film = 1 - np.exp(-FILM_GAMMA * attenuation)
+    film = FILM_FOG + (1 - FILM_FOG) * film
+    film += (GRAIN * h / NATIVE_ROWS) * rng.standard_normal(film.shape, dtype=np.float32)
+    return MAX_VALUE * film
+
+
+def _outline(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A loose hand-drawn outline around (x, y) points, as CBIS-DDSM's ROIs are: their hull
+    blurred and cut at a wobbly level, ~10-25% larger. Returns the polygon in the points' units."""
+    size = 96
+    to_canvas = 0.3 * size / (np.abs(points).max() + 1e-6)
+    hull = np.zeros((size, size), np.float32)
+    corners = cv2.convexHull(np.round(points * to_canvas + size / 2).astype(np.int32))
+    cv2.fillConvexPoly(hull, corners, 1.0)
+    soft = cv2.GaussianBlur(hull, (0, 0), 0.05 * size)
+    soft = soft / soft.max() + 0.04 * _smooth_noise(size, size, 5, rng)
+    region = ((soft > rng.uniform(0.1, 0.3)) | (hull > 0)).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygon = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float32)
+    return (polygon - size / 2) / to_canvas
+
+
+def _outline_mask(polygon: np.ndarray, scale: float, half: int, pad: int) -> np.ndarray:
+    """The outline filled on a (2 half + 1)^2 patch, grown by pad px to take in whole specks."""
+    inside = np.zeros((2 * half + 1,) * 2, np.uint8)
+    cv2.fillPoly(inside, [np.round(polygon * scale + half).astype(np.int32)], 1)
+    if pad:
+        inside = cv2.dilate(
+            inside, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1,) * 2)
+        )
+    return inside.astype(bool)
+
+
+def _boundary(shape: str, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
+    """Edge radius by angle (about 1 on the long axis) for a mass shape: round, oval, lobulated
+    or irregular."""
+    aspect = rng.uniform(*{"ROUND": (0.85, 1.0), "OVAL": (0.55, 0.8)}.get(shape, (0.65, 1.0)))
+    harmonics, strength = {"LOBULATED": ((2, 5), 0.15), "IRREGULAR": ((2, 8), 0.15)}.get(
+        shape, ((2, 3), 0.02)
+    )
+    orders = np.arange(*harmonics)
+    amplitudes = rng.uniform(0, strength, orders.size) * 2 / orders  # finer lobes smaller
+    phases, turn = rng.uniform(0, 2 * np.pi, orders.size), rng.uniform(0, np.pi)
+
+    def radius(theta: np.ndarray) -> np.ndarray:
+        oval = 1 / np.sqrt(np.cos(theta - turn) ** 2 + (np.sin(theta - turn) / aspect) ** 2)
+        lobes = np.cos(orders * theta[..., None] + phases) @ amplitudes
+        return oval * (1 + lobes)
+
+    return radius
+
+
+def _blob(
+    r: float, half: int, boundary: Callable, softness: float | Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """A dense mass-like body of mean radius r on a (2 half + 1)^2 patch, brighter inside."""
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
+    theta = np.arctan2(dy, dx)
+    q = np.hypot(dx, dy) / (r * boundary(theta))
+    if callable(softness):
+        softness = softness(theta)
+    dome = np.sqrt(np.clip(1 - q * q, 0, 1))  # a sphere's thickness along the beam
+    return _smoothstep((1 - q) / softness + 0.5) * (0.6 + 0.4 * dome)
+
+
+def _spicules(r: float, half: int, rng: np.random.Generator) -> np.ndarray:
+    """Thin tapering rays out of the mass: the spiculated margin of invasive carcinomas."""
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
+    rays = np.zeros_like(dx)
+    for angle in rng.uniform(0, 2 * np.pi, rng.integers(8, 18)):
+        along = dx * np.cos(angle) + dy * np.sin(angle)
+        across = dy * np.cos(angle) - dx * np.sin(angle)
+        width = max(1.0, r * rng.uniform(0.03, 0.07))
+        taper = np.clip(1 - along / (r * rng.uniform(1.4, 2.3)), 0, 1) * (along > 0)
+        rays = np.maximum(rays, taper * _smoothstep(1 - np.abs(across) / width))
+    return 0.8 * rays
+
+
+def _realistic_mass(
+    abn: _Abnormality, box_rows: float, max_half: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Benign circumscribed or obscured, malignant spiculated or ill-defined (the CSV's margins),
+    a few percent above the tissue; the mask is a loose outline box_rows tall (less where the
+    patch would pass max_half)."""
+    shape, margins = abn.descriptors
+    boundary = _boundary(shape, rng)
+    theta = np.linspace(-np.pi, np.pi, 90, endpoint=False)
+    edge = boundary(theta)
+    polygon = _outline(np.stack([edge * np.cos(theta), edge * np.sin(theta)], 1), rng)
+    reach = max(np.abs(polygon).max(), (2.3 if margins == "SPICULATED" else 1.3) * edge.max())
+    r = min((box_rows - 1) / np.ptp(polygon[:, 1]), (max_half - 2) / reach)  # mean radius
+    half = int(np.ceil(r * reach)) + 2
+    hidden = rng.uniform(0, 2 * np.pi)  # where an obscured mass's edge dissolves into tissue
+    softness = {
+        "CIRCUMSCRIBED": 0.05,
+        "OBSCURED": lambda t: 0.05 + 0.4 * np.clip(np.cos(t - hidden), 0, 1) ** 2,
+        "ILL_DEFINED": 0.35,
+        "SPICULATED": 0.12,
+    }[margins]
+    body = _blob(r, half, boundary, softness)
+    if margins == "SPICULATED":
+        body = np.maximum(body, _spicules(r, half, rng))
+    gain = rng.uniform(*MASS_ATTENUATION) * _subtle(abn)
+    return gain * body, _outline_mask(polygon, r, half, 0)
+
+
+def _subtle(abn: _Abnormality) -> float:
+    """Contrast factor from the CSV's subtlety (1 subtle .. 5 obvious)."""
+    return 0.6 + 0.1 * abn.subtlety
+
+
+def _speck(
+    patch: np.ndarray, y: float, x: float, length: float, width: float, angle: float, gain: float
+) -> None:
+    """Add one calcification, an ellipsoid length x width px, area-sampled so sub-pixel ones
+    fade as they would when a scan is downsampled."""
+    reach = int(np.ceil(length / 2)) + 1
+    cy, cx, n = round(y), round(x), 2 * reach + 1
+    sub = min(32, max(4, int(np.ceil(4 / width))))  # samples per pixel side, 4 across the speck
+    steps = cy - reach - 0.5 + (np.arange(n * sub) + 0.5) / sub
+    sy, sx = (steps - y)[:, None], (steps - cy + cx - x)[None, :]
+    along = sx * np.cos(angle) + sy * np.sin(angle)
+    across = sy * np.cos(angle) - sx * np.sin(angle)
+    depth = np.sqrt(np.clip(1 - (2 * along / length) ** 2 - (2 * across / width) ** 2, 0, None))
+    patch[cy - reach : cy + reach + 1, cx - reach : cx + reach + 1] += gain * depth.reshape(
+        n, sub, n, sub
+    ).mean(axis=(1, 3))
+
+
+def _cluster_layout(
+    distribution: str, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
+    """Speck centres (unit scale) and the main direction of a calcification distribution."""
+    direction = rng.uniform(0, np.pi)
+    axis = np.array([np.cos(direction), np.sin(direction)])
+    normal = np.array([-axis[1], axis[0]])
+    if distribution == "SEGMENTAL":  # along a duct and its branches
+        along, across = rng.uniform(-1, 1, n), rng.normal(0, 0.2, n)
+    elif distribution == "CLUSTERED":  # a few tight groups
+        groups = rng.normal(0, 0.5, (rng.integers(1, 4), 2))
+        return groups[rng.integers(0, len(groups), n)] + rng.normal(0, 0.35, (n, 2)), direction
+    else:  # scattered over a region
+        angle, dist = rng.uniform(0, 2 * np.pi, n), np.sqrt(rng.uniform(0, 1, n))
+        along, across = dist * np.cos(angle), dist * np.sin(angle) * rng.uniform(0.5, 1)
+    return along[:, None] * axis + across[:, None] * normal, direction
+
+
+def _realistic_calcs(
+    abn: _Abnormality, box_rows: float, max_half: int, scale: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Malignant: many fine pleomorphic specks, clustered. Benign: few coarse round or rod-like
+    ones, scattered. Sizes in px of a NATIVE_ROWS-row scan times scale; low contrast. The mask is
+    a loose outline of the whole cluster, box_rows tall (less where the patch would pass
+    max_half)."""
+    kind, distribution = abn.descriptors
+    malignant = abn.pathology == "MALIGNANT"
+    n = int(rng.integers(8, 41) if malignant else rng.integers(4, 13))
+    centres, direction = _cluster_layout(distribution, n, rng)
+    low, high = SPECK_LENGTH[kind]
+    lengths = np.exp(rng.uniform(np.log(low), np.log(high), n)) * scale
+    widths = lengths / rng.uniform(*SPECK_ASPECT[kind], n)
+    polygon = _outline(centres, rng)
+    pad = int(np.ceil(0.75 * lengths.max())) + 1  # a speck with its bud, seen from its centre
+    tall, room = max(1.0, box_rows - 1 - 2 * pad), max(1.0, max_half - 2 * pad - 2)
+    if tall / np.ptp(polygon[:, 1]) > room / np.abs(polygon).max():
+        # Too wide for the breast at its drawn height: stand it upright (swap x and y).
+        centres, polygon, direction = centres[:, ::-1], polygon[:, ::-1], np.pi / 2 - direction
+    spread = min(tall / np.ptp(polygon[:, 1]), room / np.abs(polygon).max())
+    half = int(np.ceil(spread * np.abs(polygon).max())) + 2 * pad + 2
+    patch = np.zeros((2 * half + 1,) * 2, np.float32)
+    rods = kind in ("FINE_LINEAR_BRANCHING", "LARGE_RODLIKE")  # lie along the ducts
+    angles = direction + rng.normal(0, 0.3, n) if rods else rng.uniform(0, np.pi, n)
+    gains = rng.uniform(*(CALC_ATTENUATION if malignant else COARSE_CALC_ATTENUATION), n)
+    gains *= _subtle(abn)
+    for (x, y), length, width, angle, gain in zip(
+        centres * spread + half, lengths, widths, angles, gains, strict=True
+    ):
+        _speck(patch, y, x, length, width, angle, gain)
+        if malignant and kind == "PLEOMORPHIC" and rng.random() < 0.5:  # an irregular bud
+            bud = rng.uniform(0, 2 * np.pi)
+            dy, dx = 0.4 * length * np.sin(bud), 0.4 * length * np.cos(bud)
+            _speck(patch, y + dy, x + dx, 0.6 * length, 0.6 * width, bud, gain)
+    return patch, _outline_mask(polygon, spread, half, pad)
+
+
+def _place_in_glands(
+    half: int,
+    anatomy: _Anatomy,
+    placed: list[tuple[int, int, int]],
+    rng: np.random.Generator,
+    tries: int = 6,
+) -> tuple[int, int]:
+    """Calcifications form in ducts and lobules: the most glandular of a few candidate spots."""
+    spots = [_place(half, anatomy.ellipse, list(placed), rng) for _ in range(tries)]
+    y, x = max(spots, key=lambda spot: anatomy.glandular[spot])
+    placed.append((y, x, half))
+    return y, x
+
+
+def _add_if_clear(
+    attenuation: np.ndarray, add: np.ndarray, y0: int, x0: int, masks: list[np.ndarray]
+) -> None:
+    """Add a look-alike patch unless it would touch a lesion's mask (it must stay background)."""
+    h, w = add.shape
+    if y0 < 0 or x0 < 0 or y0 + h > attenuation.shape[0] or x0 + w > attenuation.shape[1]:
+        return
+    box = np.s_[y0 : y0 + h, x0 : x0 + w]
+    near = cv2.dilate((add > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if not any(mask[box][near].any() for mask in masks):
+        attenuation[box] += add
+
+
+def _dense_island(h: int, rng: np.random.Generator) -> np.ndarray:
+    """A mass look-alike: a lump of glandular tissue as big and as bright as a mass, but mottled
+    and with a soft irregular edge."""
+    r = h * _box_ratio(MASS_BOX_RATIO, 0.15, rng) / 2.4
+    half = int(np.ceil(2 * r)) + 2
+    body = _blob(r, half, _boundary("IRREGULAR", rng), rng.uniform(0.3, 0.6))
+    mottle = 1 + 0.35 * _smooth_noise(2 * half + 1, 2 * half + 1, 6, rng)
+    return rng.uniform(*MASS_ATTENUATION) * body * np.clip(mottle, 0, None)
+
+
+def _vessel(h: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """A calcified artery: a faint curved tube with specks along both walls (tram lines)."""
+    length = h * rng.uniform(0.06, 0.16)
+    t = np.linspace(-0.5, 0.5, 200)[:, None]
+    turn = rng.uniform(-0.6, 0.6)  # arteries run towards the nipple
+    axis, normal = np.array([np.cos(turn), np.sin(turn)]), np.array([-np.sin(turn), np.cos(turn)])
+    bend = rng.uniform(-0.25, 0.25) * length
+    path = length * t * axis + bend * (1 - 4 * t * t) * normal
+    wall = max(1.0, rng.uniform(20, 40) * scale)  # 1-2 mm across
+    half = int(np.ceil(np.abs(path).max() + wall + 14 * scale)) + 2  # room for the wall specks
+    path += half
+    tube = np.zeros((2 * half + 1,) * 2, np.float32)
+    cv2.polylines(tube, [np.round(path).astype(np.int32)], False, 1.0, max(1, round(wall)))
+    patch = 0.015 * cv2.GaussianBlur(tube, (0, 0), max(0.5, wall / 4)) * (tube > 0)
+    tangent = np.gradient(path, axis=0)
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    side = tangent[:, ::-1] * [-1, 1]
+    calcified = _smooth_noise(1, len(path), 4, rng)[0] > -0.2  # in stretches, not all along
+    for sign in (-1, 1):
+        for index in np.flatnonzero(calcified & (rng.random(len(path)) < 0.15)):
+            x, y = path[index] + sign * side[index] * wall / 2
+            angle = float(np.arctan2(tangent[index, 1], tangent[index, 0]))
+            length = rng.uniform(4, 14) * scale
+            _speck(patch, y, x, length, length / 2.5, angle, rng.uniform(*CALC_ATTENUATION))
+    return patch
+
+
+def _skin_fold(anatomy: _Anatomy, h: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
+    """A bright curved line just inside and along the skin: a fold of skin caught in compression.
+    Returns the patch and its top-left corner."""
+    a, b, cy = anatomy.ellipse
+    start, span = rng.uniform(-1.2, 0.8), rng.uniform(0.2, 0.5)
+    at, width = rng.uniform(0.9, 0.97), h * rng.uniform(0.002, 0.005) / b
+    ts = np.linspace(start, start + span, 50)
+    corners = [(r * a * np.cos(ts), cy + r * b * np.sin(ts)) for r in (at - width, at + width)]
+    x0, y0 = (int(min(c[i].min() for c in corners)) - 2 for i in (0, 1))
+    x1, y1 = (int(max(c[i].max() for c in corners)) + 3 for i in (0, 1))
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    radius, angle = np.hypot(xs / a, (ys - cy) / b), np.arctan2((ys - cy) / b, xs / a)
+    along = np.clip((angle - start) / span, 0, 1)
+    line = _smoothstep(1 - np.abs(radius - at) / width) * np.sin(np.pi * along)
+    return rng.uniform(0.03, 0.06) * line, y0, x0
+
+
+def _lookalikes(
+    attenuation: np.ndarray,
+    anatomy: _Anatomy,
+    masks: list[np.ndarray],
+    placed: list[tuple[int, int, int]],
+    max_half: int,
+    density: int,
+    rng: np.random.Generator,
+) -> None:
+    """Normal structures that look like lesions and stay background: dense islands (more in
+    dense breasts), calcified vessels and skin folds. One touching a lesion's mask is left out."""
+    h = attenuation.shape[0]
+    patches = [_dense_island(h, rng) for _ in range(rng.poisson(0.3 + 0.3 * density))]
+    patches += [_vessel(h, h / NATIVE_ROWS, rng) for _ in range(rng.poisson(0.8))]
+    for patch in patches:
+        half = patch.shape[0] // 2
+        if half <= max_half:  # else there is no room for it in this breast
+            y, x = _place(half, anatomy.ellipse, placed, rng)
+            _add_if_clear(attenuation, patch, y - half, x - half, masks)
+    for _ in range(rng.poisson(0.6)):
+        _add_if_clear(attenuation, *_skin_fold(anatomy, h, rng), masks)
+
+
+def _scanner_edges(img: np.ndarray, breast_depth: float, rng: np.random.Generator) -> None:
+    """Bright strips where the film's unexposed margin or the scanner's holder shows, along the
+    outer edge and, past the breast, along the top or bottom; clear of the breast."""
+    h, w = img.shape
+    strip = max(1, round(w * rng.uniform(0.004, 0.025)))
+    img[:, w - strip :] = MAX_VALUE * rng.uniform(0.55, 0.9) * np.linspace(0.9, 1, h)[:, None]
+    if rng.random() < 0.6:
+        rows = max(1, round(h * rng.uniform(0.003, 0.012)))
+        band = np.s_[:rows] if rng.random() < 0.5 else np.s_[h - rows :]
+        img[band, round(breast_depth + 0.03 * w) :] = MAX_VALUE * rng.uniform(0.5, 0.9)
+
+
+def _render_realistic(
+    m: _Mammogram, h: int, w: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Calibrated to the real CBIS-DDSM (module docstring). Anatomy, lesions, look-alikes and
+    film draw from their own streams, so leaving one out leaves the others' pixels alone."""
+    anatomy_rng, lesion_rng, lookalike_rng, film_rng = rng.spawn(4)
+    anatomy = _anatomy(h, w, m.density, anatomy_rng)
+    attenuation, masks, placed = anatomy.attenuation, [], []
+    max_half = int(0.38 * anatomy.ellipse[0])  # _place needs the patch to fit inside the breast
+    for abn in m.abnormalities:
+        if m.collection == "Mass":
+            box_rows = h * _box_ratio(MASS_BOX_RATIO, 0.15, lesion_rng)
+            add, inside = _realistic_mass(abn, box_rows, max_half, lesion_rng)
+            y, x = _place(add.shape[0] // 2, anatomy.ellipse, placed, lesion_rng)
+        else:
+            box_rows = h * _box_ratio(CALC_BOX_RATIO, 0.22, lesion_rng)
+            add, inside = _realistic_calcs(abn, box_rows, max_half, h / NATIVE_ROWS, lesion_rng)
+            y, x = _place_in_glands(add.shape[0] // 2, anatomy, placed, lesion_rng)
+        masks.append(_paste(attenuation, add, inside, y, x))
+    _lookalikes(attenuation, anatomy, masks, placed, max_half, m.density, lookalike_rng)
+    img = _expose(attenuation, film_rng)
+    _film_label(img, film_rng)
+    _scanner_edges(img, anatomy.ellipse[0], film_rng)
+    return _finish(img, masks, m.side)
+
+
+def _paste(img: np.ndarray, add: np.ndarray, inside: np.ndarray, y: int, x: int) -> np.ndarray:
+    """Add a lesion's square patch centred at (y, x); return its full-size 0/255 mask."""
+    half = add.shape[0] // 2
+    box = np.s_[y - half : y + half + 1, x - half : x + half + 1]
+    img[box] += add
+    mask = np.zeros(img.shape, np.uint8)
+    mask[box][inside] = 255
+    return mask
+
+
+def _finish(img: np.ndarray, masks: list[np.ndarray], side: str) -> tuple[np.ndarray, list]:
+    """uint16 image and masks, mirrored for a RIGHT breast (drawn with the chest wall left)."""
+    img = np.clip(img, 0, MAX_VALUE).astype(np.uint16)
+    if side == "RIGHT":
+        img, masks = img[:, ::-1], [mask[:, ::-1] for mask in masks]
+    return np.ascontiguousarray(img), [np.ascontiguousarray(mask) for mask in masks]
+
+
+def _render(
+    m: _Mammogram, h: int, w: int, rng: np.random.Generator, profile: str = "demo"
+) -> tuple[np.ndarray, list]:
     """The uint16 mammogram and one uint8 0/255 mask per abnormality, mirrored for RIGHT."""
+    if profile == "realistic":
+        return _render_realistic(m, h, w, rng)
     ellipse = (w * rng.uniform(0.6, 0.78), h * rng.uniform(0.42, 0.47), h * rng.uniform(0.47, 0.53))
     img = _breast(h, w, ellipse, m.density, rng)
     masks, placed = [], []
@@ -308,18 +789,10 @@ def _render(m: _Mammogram, h: int, w: int, rng: np.random.Generator) -> tuple[np
         else:
             region = w * (rng.uniform(0.06, 0.08) if malignant else rng.uniform(0.10, 0.12))
             add, inside = _calcs(region, malignant, w / 400, rng)
-        half = add.shape[0] // 2
-        y, x = _place(half, ellipse, placed, rng)
-        box = np.s_[y - half : y + half + 1, x - half : x + half + 1]
-        img[box] += add
-        mask = np.zeros((h, w), np.uint8)
-        mask[box][inside] = 255
-        masks.append(mask)
+        y, x = _place(add.shape[0] // 2, ellipse, placed, rng)
+        masks.append(_paste(img, add, inside, y, x))
     _film_label(img, rng)
-    img = np.clip(img, 0, MAX_VALUE).astype(np.uint16)
-    if m.side == "RIGHT":
-        img, masks = img[:, ::-1], [mask[:, ::-1] for mask in masks]
-    return np.ascontiguousarray(img), [np.ascontiguousarray(mask) for mask in masks]
+    return _finish(img, masks, m.side)
 
 
 def _crop_and_mask(
@@ -389,7 +862,13 @@ def _tags(m: _Mammogram) -> dict:
 
 
 def _write_mammogram(
-    root: Path, m: _Mammogram, size: tuple[int, int], seed: int, index: int, layout: str = "tcia"
+    root: Path,
+    m: _Mammogram,
+    size: tuple[int, int],
+    seed: int,
+    index: int,
+    profile: str = "demo",
+    layout: str = "tcia",
 ) -> list[dict]:
     """Render one mammogram and write its files; returns their dicom_info.csv rows (Kaggle)."""
     rng = np.random.default_rng([seed, index])  # own stream: pixels do not hinge on other images
@@ -398,7 +877,7 @@ def _write_mammogram(
     def uid() -> str:  # seeded, so a rerun writes byte-identical files
         return generate_uid(entropy_srcs=[f"synthetic-{seed}-{index}-{next(counter)}"])
 
-    image, masks = _render(m, *size, rng)
+    image, masks = _render(m, *size, rng, profile)
     if layout == "kaggle":
         return _write_kaggle_mammogram(root, m, image, masks, uid, rng)
     series = root / m.folder / f"{m.date}-DDSM-{rng.integers(100000):05d}"
@@ -551,19 +1030,23 @@ def make_synthetic_dataset(
     seed: int = 0,
     defects: bool = True,
     progress: bool = True,
+    profile: str = "demo",
     layout: str = "tcia",
 ) -> dict:
     """Write out_dir/CBIS-DDSM/ and the four description CSVs (layout "tcia"), or out_dir/jpeg/
     and out_dir/csv/ (layout "kaggle"); return a summary of what was written.
 
     The defects need two single-lesion training mammograms; a tiny set may get fewer, and the
-    summary's "defects" lists the folders actually affected. Raises FileExistsError if the
-    image folder exists, ValueError for unusable arguments.
+    summary's "defects" lists the folders actually affected. profile is "demo" (quick to learn)
+    or "realistic" (calibrated to the real set, see the module docstring). Raises
+    FileExistsError if the image folder exists, ValueError for unusable arguments.
     """
     out_dir = Path(out_dir)
     if patients < 1 or min(size) < 64 or layout not in LAYOUTS:
         raise ValueError(f"need patients >= 1, both sides >= 64 px and a layout in {LAYOUTS}, "
                          f"got {patients}, {size} and {layout!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     root = out_dir / image_folder(layout)
     if root.exists():
         raise FileExistsError(f"{root} already exists (use --overwrite to replace it)")
@@ -571,12 +1054,12 @@ def make_synthetic_dataset(
     root.mkdir(parents=True)
     info = []
     for index, m in enumerate(tqdm(plan, desc="synthetic mammograms", disable=not progress)):
-        info += _write_mammogram(root, m, size, seed, index, layout)
+        info += _write_mammogram(root, m, size, seed, index, profile, layout)
     if layout == "kaggle":
         _write_kaggle_csvs(out_dir / "csv", plan, info)
     else:
         _write_csvs(out_dir, plan)
-    return _summary(plan, out_dir, size, seed, layout)
+    return {**_summary(plan, out_dir, size, seed, layout), "profile": profile}
 
 
 def image_folder(layout: str) -> str:
@@ -599,6 +1082,13 @@ def main(argv: list[str] | None = None) -> int:
         help="mammogram height and width in px (default 640 400; real scans ~5000 3000)",
     )
     add("--seed", type=int, default=0, help="random seed; same seed, byte-identical output")
+    add(
+        "--profile",
+        choices=PROFILES,
+        default="demo",
+        help="demo: lesions a model learns in minutes; realistic: sizes, contrasts and look-alikes "
+        "calibrated to the real CBIS-DDSM (use --size 2048 1216 or more) (default demo)",
+    )
     add(
         "--no-defects",
         dest="defects",
@@ -625,6 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.defects,
             not args.quiet,
+            args.profile,
             args.layout,
         )
     except (FileExistsError, ValueError) as err:

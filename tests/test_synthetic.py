@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import re
 from collections import Counter
 from pathlib import Path
@@ -251,3 +253,237 @@ def test_kaggle_layout_has_the_copys_files_and_quirks(kaggle_root):
     written = {column: named.isin(info["folder"]) for column, named in folders.items()}
     assert written["image file path"].all() and (~written["ROI mask file path"]).sum() == 1
     assert (written["ROI mask file path"] == written["cropped image file path"]).all()
+
+
+# The realistic profile: calibration to the real CBIS-DDSM (synthetic.py's docstring).
+
+REALISTIC_SIZES = ((320, 190), (640, 380))
+
+
+def render_realistic(m, index: int, size: tuple[int, int]) -> tuple[np.ndarray, list]:
+    return synthetic._render(m, *size, np.random.default_rng([11, index]), "realistic")
+
+
+@pytest.fixture(scope="module")
+def realistic() -> dict:
+    """{size: [(planned mammogram, image, masks, draws)]}: the same 40 patients at two sizes;
+    draws are the (quantiles, ratio) of each box-height draw, the lesions' first."""
+    plan = synthetic._plan(40, False, np.random.default_rng(11))
+    box_ratio, draws = synthetic._box_ratio, []
+
+    def record(quantiles, cap, rng):
+        draws.append((quantiles, box_ratio(quantiles, cap, rng)))
+        return draws[-1][1]
+
+    renders: dict = {size: [] for size in REALISTIC_SIZES}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthetic, "_box_ratio", record)
+        for size, (index, m) in itertools.product(REALISTIC_SIZES, enumerate(plan)):
+            draws.clear()
+            renders[size].append((m, *render_realistic(m, index, size), list(draws)))
+    return renders
+
+
+def calc_abnormality(pathology: str, kind: str, distribution: str, seed: int = 0):
+    planned = synthetic._plan_abnormality(1, "Calc", np.random.default_rng(seed))
+    return dataclasses.replace(planned, pathology=pathology, descriptors=(kind, distribution))
+
+
+CALC_KINDS = [
+    ("MALIGNANT", "PLEOMORPHIC", "CLUSTERED"),
+    ("MALIGNANT", "FINE_LINEAR_BRANCHING", "SEGMENTAL"),
+    ("BENIGN", "ROUND_AND_REGULAR", "DIFFUSELY_SCATTERED"),
+    ("BENIGN", "LARGE_RODLIKE", "REGIONAL"),
+]
+
+
+def test_box_ratio_draws_match_the_real_quantiles():
+    rng = np.random.default_rng(0)
+    for quantiles, cap in ((synthetic.MASS_BOX_RATIO, 0.15), (synthetic.CALC_BOX_RATIO, 0.22)):
+        draws = [synthetic._box_ratio(quantiles, cap, rng) for _ in range(4000)]
+        median, p5, p95 = quantiles
+        np.testing.assert_allclose(np.percentile(draws, [50, 5, 95]), [median, p5, p95], rtol=0.06)
+
+
+def test_realistic_box_heights_are_real_fractions_of_the_image_at_any_size(realistic):
+    quantiles = {"Mass": synthetic.MASS_BOX_RATIO, "Calc": synthetic.CALC_BOX_RATIO}
+    first = {}  # (size, mammogram index) -> the first lesion's box height / image height
+    for (h, w), renders in realistic.items():
+        ratios, shrunk = {"Mass": [], "Calc": []}, set()
+        for index, (m, image, masks, draws) in enumerate(renders):
+            assert image.shape == (h, w)
+            heights = [cv2.boundingRect(mask)[3] / h for mask in masks]
+            for n, (height, (drawn_from, drawn)) in enumerate(zip(heights, draws, strict=False)):
+                assert drawn_from == quantiles[m.collection]
+                assert height <= drawn + 2 / h  # at most 1 px rounding each end...
+                if height < drawn - 2 / h:  # ...or shrunk to fit a small breast
+                    shrunk.add((index, n))
+            ratios[m.collection] += heights
+            if (index, 0) not in shrunk:
+                first[(h, index)] = heights[0]
+        assert len(shrunk) <= 0.03 * sum(map(len, ratios.values()))
+        # Sample medians (~50 lesions each: sampling error ~5-12%) of the real ones.
+        assert np.median(ratios["Mass"]) == pytest.approx(0.068, rel=0.15)
+        assert np.median(ratios["Calc"]) == pytest.approx(0.054, rel=0.25)
+    (small, _), (large, _) = REALISTIC_SIZES
+    both = [index for index in range(len(realistic[REALISTIC_SIZES[0]])) if (small, index) in first]
+    assert len(both) > 60
+    for index in both:
+        assert first[(small, index)] == pytest.approx(first[(large, index)], abs=3 / small)
+
+
+def test_realistic_masks_are_one_blob_each_and_inside_the_breast_crop(realistic):
+    from dataset import breast_region
+
+    for m, image, masks, _ in realistic[REALISTIC_SIZES[1]]:
+        (y0, y1, x0, x1), chest_wall_right = breast_region(image)
+        assert chest_wall_right == (m.side == "RIGHT")
+        assert x1 - x0 < 0.8 * image.shape[1]  # the scanner strip and label stay out...
+        outer_edge = image[:, -1] if m.side == "LEFT" else image[:, 0]
+        assert outer_edge.mean() > 0.45 * synthetic.MAX_VALUE  # ...though they are there
+        outside = np.ones(image.shape, bool)
+        outside[y0:y1, x0:x1] = False
+        label = image[outside] == round(0.85 * synthetic.MAX_VALUE)
+        assert label.sum() > 0.002 * image.size
+        for mask in masks:
+            assert cv2.connectedComponents(mask)[0] == 2  # background and one outline
+            ys, xs = np.nonzero(mask)
+            assert ys.min() >= y0 and ys.max() < y1 and xs.min() >= x0 and xs.max() < x1
+
+
+def test_lookalikes_exist_and_are_background(realistic, monkeypatch):
+    size = REALISTIC_SIZES[0]
+    monkeypatch.setattr(synthetic, "_lookalikes", lambda *args: None)
+    shapes = Counter()  # mammograms with a blob-like (dense island) or a thin look-alike
+    for index, (m, image, masks, _) in enumerate(realistic[size]):
+        plain, plain_masks = render_realistic(m, index, size)
+        for mask, plain_mask in zip(masks, plain_masks, strict=True):
+            np.testing.assert_array_equal(mask, plain_mask)  # they move no lesion
+        changed = image != plain
+        assert (image[changed] > plain[changed]).all()  # bright structures
+        assert not any((mask > 0)[changed].any() for mask in masks)
+        _, _, stats, _ = cv2.connectedComponentsWithStats(changed.astype(np.uint8))
+        found = set()
+        for _, _, width, height, area in stats[1:]:
+            if area >= 0.4 * width * height and min(width, height) >= 0.02 * size[0]:
+                found.add("blob")
+            elif area >= 10 and area < 0.3 * width * height:  # vessels and skin folds
+                found.add("thin")
+        shapes.update(found)
+    assert min(shapes["blob"], shapes["thin"]) >= 0.2 * len(realistic[size]), shapes
+
+
+@pytest.mark.parametrize(("pathology", "kind", "distribution"), CALC_KINDS)
+def test_speck_sizes_scale_with_height_and_masks_outline_whole_clusters(
+    pathology, kind, distribution, monkeypatch
+):
+    lengths = {}
+    speck = synthetic._speck
+
+    def record(patch, y, x, length, *rest):
+        lengths[rows].append(length)
+        speck(patch, y, x, length, *rest)
+
+    monkeypatch.setattr(synthetic, "_speck", record)
+    signal = {}
+    for rows in (1325, 5300):  # a quarter of a real scan's size, and the real size
+        lengths[rows] = []
+        abn = calc_abnormality(pathology, kind, distribution)
+        scale = rows / synthetic.NATIVE_ROWS
+        patch, inside = synthetic._realistic_calcs(
+            abn, 0.05 * rows, rows, scale, np.random.default_rng(1)
+        )
+        specks = patch > 0
+        box_height = cv2.boundingRect(inside.astype(np.uint8))[3]
+        assert box_height == pytest.approx(0.05 * rows, abs=2)
+        assert inside[specks].all()  # whole specks are inside the outline...
+        assert inside.sum() > 5 * specks.sum()  # ...which is loose, not the specks themselves
+        assert cv2.connectedComponents(inside.astype(np.uint8))[0] == 2
+        signal[rows] = patch.sum()
+    np.testing.assert_allclose(np.divide(lengths[5300], lengths[1325]), 4)
+    assert min(lengths[5300]) >= 1.2 and max(lengths[5300]) <= 20  # px at real size, buds too
+    assert signal[5300] / signal[1325] == pytest.approx(16, rel=0.1)  # area-sampled
+
+
+def test_malignant_specks_fine_and_many_benign_coarse_and_few(monkeypatch):
+    areas: dict[str, list] = {kind: [] for _, kind, _ in CALC_KINDS}  # length x width, px
+    counts: dict[str, list] = {kind: [] for _, kind, _ in CALC_KINDS}  # specks per cluster
+    speck = synthetic._speck
+
+    def record(patch, y, x, length, width, *rest):
+        areas[kind].append(length * width)
+        speck(patch, y, x, length, width, *rest)
+
+    monkeypatch.setattr(synthetic, "_speck", record)
+    for seed, (pathology, kind, distribution) in itertools.product(range(6), CALC_KINDS):
+        before = len(areas[kind])
+        abn = calc_abnormality(pathology, kind, distribution, seed)
+        synthetic._realistic_calcs(abn, 100, 1000, 1.0, np.random.default_rng(seed))
+        counts[kind].append(len(areas[kind]) - before)
+    malignant = [kind for pathology, kind, _ in CALC_KINDS if pathology == "MALIGNANT"]
+    benign = [kind for pathology, kind, _ in CALC_KINDS if pathology != "MALIGNANT"]
+    assert min(np.median(areas[k]) for k in benign) > 3 * max(
+        np.median(areas[k]) for k in malignant
+    )
+    assert min(np.mean(counts[k]) for k in malignant) > 2 * max(np.mean(counts[k]) for k in benign)
+
+
+@pytest.mark.parametrize(
+    ("shape", "margins"),
+    [("ROUND", "CIRCUMSCRIBED"), ("OVAL", "OBSCURED"), ("IRREGULAR", "ILL_DEFINED")],
+)
+def test_mass_masks_are_loose_outlines_of_the_mass(shape, margins):
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        planned = synthetic._plan_abnormality(1, "Mass", rng)
+        abn = dataclasses.replace(planned, descriptors=(shape, margins))
+        add, inside = synthetic._realistic_mass(abn, 120, 1000, rng)
+        assert cv2.boundingRect(inside.astype(np.uint8))[3] == pytest.approx(120, abs=2)
+        body = add > 0.25 * add.max()  # about the edge's half-height: the mass proper
+        assert inside[body].all() and inside.sum() > 1.15 * body.sum()
+        assert add.max() < 0.1  # a few percent of the range above the tissue, not a beacon
+
+
+def test_spiculated_masses_reach_out_of_their_outline():
+    rng = np.random.default_rng(4)
+    planned = synthetic._plan_abnormality(1, "Mass", rng)
+    abn = dataclasses.replace(planned, descriptors=("IRREGULAR", "SPICULATED"))
+    add, inside = synthetic._realistic_mass(abn, 120, 1000, rng)
+    rays = (add > 0.1 * add.max()) & ~inside
+    assert rays.sum() > 0.03 * inside.sum()
+    count, _ = cv2.connectedComponents(rays.astype(np.uint8))
+    assert count - 1 >= 5  # several separate rays
+
+
+def test_density_levels_differ():
+    """More glandular tissue at a higher BI-RADS density, and brighter and more mottled."""
+    shares, brightness, glands, mottle = [], [], [], []
+    for density in (1, 2, 3, 4):
+        anatomy = synthetic._anatomy(400, 240, density, np.random.default_rng(5))
+        breast = anatomy.attenuation > 0.2
+        image = synthetic._expose(anatomy.attenuation, np.random.default_rng(5))
+        fine = anatomy.attenuation - cv2.GaussianBlur(anatomy.attenuation, (0, 0), 3)
+        shares.append(anatomy.glandular[breast].mean())
+        brightness.append(np.median(image[breast]))
+        glands.append(np.median(image[breast & (anatomy.glandular > 0.9)]))
+        mottle.append(fine[cv2.erode(breast.astype(np.uint8), np.ones((9, 9))) > 0].std())
+    np.testing.assert_allclose(shares, list(synthetic.DENSE_FRACTION.values()), atol=0.1)
+    for values in (shares, brightness, mottle):
+        assert np.all(np.diff(values) > 0), values
+    assert np.all(np.diff(glands) > 0.01 * synthetic.MAX_VALUE), glands
+
+
+def test_realistic_same_seed_same_bytes(tmp_path):
+    def make(out: Path) -> dict:
+        return synthetic.make_synthetic_dataset(
+            out, patients=3, size=(400, 240), seed=2, progress=False, profile="realistic"
+        )
+
+    assert make(tmp_path / "a")["profile"] == "realistic"
+    make(tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.dcm"))
+    assert len(files) > 5
+    for relative in files:
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
+    with pytest.raises(ValueError, match="profile"):
+        synthetic.make_synthetic_dataset(tmp_path / "c", profile="real")
