@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
 from main_retrieval import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
-from utils import atomic_write
+from utils import atomic_write, clean_stale_tmp
 
 PREPROCESS_VERSION = 4  # 3: centre-aligned nearest for labels; 4: scale mode, split files
 NUM_CLASSES = 4
@@ -128,6 +128,9 @@ def read_pixels(path: Path, label_map: bool = False) -> np.ndarray:
 
     label_map: a mask, whose values are labels, not intensities: never inverted.
     """
+    if not path.is_file():
+        raise DatasetError(f"no file {path}: if the data folder moved, pass --data-root with "
+                           "its new place")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         level = cv2.getLogLevel()
         cv2.setLogLevel(0)  # the reason goes into our one-line error, not OpenCV's log lines
@@ -436,6 +439,7 @@ def prepare_cache(cache: PreprocessCache, mammograms: list[Mammogram], workers: 
     An unreadable DICOM raises DatasetError naming it, or with skip_unreadable is recorded in
     report.skipped (the caller drops that mammogram).
     """
+    clean_stale_tmp(cache.dir)  # left by killed writers; other runs may be filling it now
     todo = cache.missing(mammograms)
     report = PrepareReport(cached=len(mammograms) - len(todo))
     if not todo:

@@ -17,6 +17,7 @@ made up from ImagerPixelSpacing, which is measured at the detector, not at the b
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +65,12 @@ def segmentation_algorithm(checkpoint: Path, config: dict) -> SegAlgorithm:
                     "preprocess_version": str(config["preprocess_version"])})
 
 
-def write_dicom_seg(source: Path, mask: np.ndarray, path: Path, algorithm: SegAlgorithm) -> None:
-    """Write `mask` (uint8 class ids at the source's pixels) as a DICOM Segmentation of the
-    DICOM file `source`; nothing when the mask has no lesion (a Segmentation needs a segment)."""
+def encode_dicom_seg(source: Path, mask: np.ndarray, algorithm: SegAlgorithm) -> bytes | None:
+    """`mask` (uint8 class ids at the source's pixels) as the bytes of a DICOM Segmentation of
+    the DICOM file `source`; None when the mask has no lesion (a Segmentation needs a segment)."""
     classes = [cls for cls in SEGMENTS if (mask == cls).any()]
     if not classes:
-        return
+        return None
     header = pydicom.dcmread(source, stop_before_pixels=True)
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in header:
@@ -107,4 +108,6 @@ def write_dicom_seg(source: Path, mask: np.ndarray, path: Path, algorithm: SegAl
         software_versions=algorithm.version, device_serial_number=algorithm.version,
         content_description="lesions predicted by DeepLabV3+", content_label="LESIONS")
     seg.SeriesDescription = f"{algorithm.name} lesions"
-    seg.save_as(path)
+    encoded = io.BytesIO()
+    seg.save_as(encoded)
+    return encoded.getvalue()

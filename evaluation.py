@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from model import build_model
 from utils import (
     CheckpointError,
     HelpFormatter,
+    UsageError,
     add_device_flags,
     load_checkpoint,
     resolve_device,
@@ -61,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
              "log.csv beside the checkpoint)")
     add("--csv", type=Path, default=Path("csv/test.csv"), help="the split to evaluate")
     add("--out", type=Path, default=None,
-        help="results folder (default: results/<checkpoint name>)")
+        help="results folder, emptied of a previous evaluation's files (default: "
+             "results/<run folder name>/<checkpoint name>)")
     add("--data-root", type=Path, default=None,
         help="CBIS-DDSM download folder, if it moved since main_retrieval.py recorded it")
     add("--cache-dir", type=Path, default=Path("cache"), help="preprocessed-image cache")
@@ -80,6 +83,34 @@ def get_args_parser() -> argparse.ArgumentParser:
              "stopping; the figures then cover the readable ones only")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
+
+
+# ----------------------------------------------------------------------------- outputs
+
+RESULT_SUFFIXES = (".json", ".csv", ".png")  # what run() writes, overlays/ included
+
+
+def prepare_results_folder(out: Path | None, checkpoint_path: Path) -> Path:
+    """--out, or results/<run folder>/<checkpoint stem> (two runs' best.pth never share one),
+    emptied of a previous evaluation's files so no stale overlay or plot survives; a folder
+    holding anything but results is refused (UsageError)."""
+    out = out or Path("results") / checkpoint_path.resolve().parent.name / checkpoint_path.stem
+    entries = [e for e in out.iterdir() if not e.name.startswith(".")] if out.is_dir() else []
+    if entries:
+        ours = [e for e in entries if (e.name == "overlays" and e.is_dir())
+                or (e.is_file() and e.suffix in RESULT_SUFFIXES)]
+        foreign = [e for e in entries if e not in ours]
+        if foreign or not ((out / "metrics.json").is_file() or (out / "per_image.csv").is_file()):
+            raise UsageError(f"--out {out} holds {(foreign or entries)[0].name}, which is not a "
+                             "result of this script: choose an empty or new folder")
+        for entry in ours:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        print(f"cleared the previous evaluation's results from {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- model
@@ -271,8 +302,7 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     model, config = load_trained_model(checkpoint_path, device)
-    out = args.out or Path("results") / checkpoint_path.stem
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_results_folder(args.out, checkpoint_path)
     dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, resolution_of(config),
                                         config["canonical_flip"], args.data_root)
     prepared = dataset.prepare(args.workers, args.skip_unreadable, args.progress)
@@ -317,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, DatasetError) as error:
+    except (CheckpointError, DatasetError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

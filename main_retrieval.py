@@ -30,7 +30,7 @@ import pydicom
 from tqdm import tqdm
 
 from metrics import CLASS_NAMES
-from utils import atomic_write
+from utils import DiskFullError, atomic_write_all, clean_stale_tmp
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS = [
@@ -59,7 +59,9 @@ FOLDER_RE = re.compile(
     r"_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:_(?P<abnormality>\d+))?$"
 )
 BENIGN = ("BENIGN", "BENIGN_WITHOUT_CALLBACK")
-HEADER_TAGS = ["SeriesDescription", "Rows", "Columns"]
+HEADER_TAGS = ["SeriesDescription", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
+               "NumberOfFrames", "PixelData"]
+PIXEL_DATA = 0x7FE00010
 DUPLICATE = "duplicate row in the description CSVs"
 KAGGLE_INFO = Path("csv") / "dicom_info.csv"  # with jpeg/: the Kaggle copy's root
 KAGGLE_INFO_COLUMNS = ["image_path", "SeriesDescription", "Rows", "Columns"]
@@ -134,6 +136,7 @@ class ImageInfo:
     kind: str | None  # "full", "crop", "mask" or None when the header does not say
     rows: int
     columns: int
+    problem: str | None = None  # why its pixel data cannot be whole (truncated, none)
 
 
 @dataclass
@@ -199,15 +202,39 @@ def kind_from_description(description: str) -> str | None:
 def read_info(path: Path) -> ImageInfo | None:
     """Header facts needed for pairing, or None when the file is not readable DICOM."""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        # Pixel data over 1 KB is deferred: its length and offset are read, not its bytes.
+        header = pydicom.dcmread(path, defer_size=1024, specific_tags=HEADER_TAGS)
         return ImageInfo(
             path,
             kind_from_description(str(header.get("SeriesDescription", ""))),
             int(header.Rows),
             int(header.Columns),
+            pixel_data_problem(path, header),
         )
     except Exception:  # noqa: BLE001 - pydicom raises many types for a damaged file
         return None
+
+
+def pixel_data_problem(path: Path, header: pydicom.Dataset) -> str | None:
+    """Why the pixel data cannot be whole, from the header and the file size alone (a truncated
+    download, a file without pixels); None when it can."""
+    element = header.get_item(PIXEL_DATA, keep_deferred=True)
+    if element is None:
+        return "no pixel data"
+    syntax = getattr(header, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:  # its size is not Rows x Columns x bits
+        return None
+    frames = int(header.get("NumberOfFrames") or 1)
+    bits = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel") or 1) \
+        * frames * int(header.get("BitsAllocated") or 16)
+    expected = (bits + 7) // 8
+    if getattr(element, "value", None) is None and hasattr(element, "value_tell"):  # deferred
+        available = min(element.length, path.stat().st_size - element.value_tell)
+    else:
+        available = len(element.value or b"")
+    if available < expected:
+        return f"pixel data truncated: {available} of {expected} bytes"
+    return None
 
 
 def read_dicom_info(path: Path) -> dict[str, tuple[str | None, int, int]]:
@@ -335,6 +362,10 @@ def pair_abnormalities(
         if full is None:
             skipped.append({**where, "reason": "missing or unreadable full mammogram"})
             continue
+        if full.problem:
+            skipped.append({**where, "reason": "damaged full mammogram (truncated or no pixels)",
+                            "file": relative(full.path), "problem": full.problem})
+            continue
         infos = tree.infos([fields["cropped image file path"], fields["ROI mask file path"]])
         if infos is None:
             skipped.append({**where, "reason": "missing ROI folder"})
@@ -343,6 +374,10 @@ def pair_abnormalities(
         untyped += typed
         if mask is None:
             skipped.append({**where, "reason": "missing or unreadable ROI mask"})
+            continue
+        if mask.problem:
+            skipped.append({**where, "reason": "damaged ROI mask (truncated or no pixels)",
+                            "file": relative(mask.path), "problem": mask.problem})
             continue
         if (mask.rows, mask.columns) != (full.rows, full.columns):
             mismatched.append({**where, "mask_size": [mask.rows, mask.columns],
@@ -472,16 +507,33 @@ def retrieve(data_root: Path, metadata_dir: Path | None = None, val_fraction: fl
     return rows, report
 
 
+def check_kept(report: dict) -> str | None:
+    """Refuse an empty result (RetrievalError); a warning when under half of the described
+    abnormalities were kept (a wrong --data-root or --metadata-dir, a partial download)."""
+    kept, described = report["abnormalities_kept"], report["abnormalities_described"]
+    top = "; ".join(f"{reason} ({count})" for reason, count
+                    in Counter(report["skipped_by_reason"]).most_common(3))
+    if kept == 0:
+        raise RetrievalError(f"kept 0 of {described} described abnormalities (top reasons: "
+                             f"{top}); nothing written, the CSVs in --out-dir are unchanged: "
+                             "check --data-root and --metadata-dir")
+    if kept < described / 2:
+        return (f"WARNING: kept only {kept} of {described} described abnormalities "
+                f"({kept / described:.0%}); top reasons: {top}. Is --data-root the whole "
+                "download, and --metadata-dir its description CSVs?")
+    return None
+
+
 def write_outputs(rows: pd.DataFrame, report: dict, out_dir: Path) -> None:
-    """The three CSVs, the sidecar and the report, each written atomically."""
+    """The three CSVs, the sidecar and the report, written atomically as one set."""
     sidecar = {key: report[key] for key in ("schema_version", "data_root", "metadata_dir")}
     sidecar["columns"] = CSV_COLUMNS
     texts = {f"{split}.csv": rows[rows["split"] == split].to_csv(index=False)
              for split in ("train", "val", "test")}
     texts[SIDECAR_NAME] = json.dumps(sidecar, indent=2)
     texts[REPORT_NAME] = json.dumps(report, indent=2)
-    for name, text in texts.items():
-        atomic_write(out_dir / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    atomic_write_all({out_dir / name: lambda tmp, text=text: Path(tmp).write_text(text)
+                      for name, text in texts.items()})
 
 
 def format_report(report: dict) -> str:
@@ -499,6 +551,9 @@ def format_report(report: dict) -> str:
                  f"in {report['seconds']} s")
     for reason, count in report["skipped_by_reason"].items():
         lines.append(f"skipped {count}: {reason}")
+    for item in report["skipped"]:
+        if "problem" in item:
+            lines.append(f"damaged DICOM: {item['file']}: {item['problem']}")
     if report["views_in_both_collections"]:
         lines.append(f"{report['views_in_both_collections']} views are in both the Mass and the "
                      "Calc collection: each copy's target gets the ROIs of both")
@@ -533,13 +588,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_writable(args.out_dir)
+        clean_stale_tmp(args.out_dir, min_age_s=0)  # left by a killed run; we are its writer
         rows, report = retrieve(args.data_root, args.metadata_dir, args.val_fraction, args.seed)
+        warning = check_kept(report)
         write_outputs(rows, report, args.out_dir)
     except RetrievalError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DiskFullError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(format_report(report))
     print(f"wrote {args.out_dir}/{{train,val,test}}.csv and {args.out_dir / REPORT_NAME}")
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -49,13 +49,20 @@ from dataset import (
     read_pixels,
     scale_intensities,
 )
-from dicom_seg import SegAlgorithm, segmentation_algorithm, write_dicom_seg
+from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
 from evaluation import image_folder_name, load_trained_model, resolve_checkpoint
 from inference import predict_at_original, predict_probabilities, resolution_of
 from main_retrieval import kind_from_description, looks_like_mask
 from metrics import CLASS_NAMES, lesion_candidates
 from report import CLASS_COLOURS, overlay_panel
-from utils import CheckpointError, HelpFormatter, add_device_flags, positive_int, resolve_device
+from utils import (
+    CheckpointError,
+    HelpFormatter,
+    add_device_flags,
+    atomic_write_all,
+    positive_int,
+    resolve_device,
+)
 
 INPUT_SUFFIXES = (".dcm", *IMAGE_SUFFIXES)  # searched for in folders, with other DICOM files
 OVERLAY_HEIGHT = 1024
@@ -192,11 +199,17 @@ def _display_image(image: np.ndarray) -> np.ndarray:
     return scale_intensities(image).astype(np.float32) / 65535
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
+def _encode_png(path: Path, image: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"cannot encode {path}")
-    path.write_bytes(encoded.tobytes())
+    return encoded.tobytes()
+
+
+def _write_set(files: dict[Path, bytes]) -> None:
+    """One image's outputs together or none of them (JSON last: it marks a complete set)."""
+    atomic_write_all({path: lambda tmp, data=data: Path(tmp).write_bytes(data)
+                      for path, data in files.items()})
 
 
 @dataclass
@@ -224,9 +237,12 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
                         "area": candidate.area,
                         "centroid": [round(v, 1) for v in candidate.centroid]})
     lesions.sort(key=lambda lesion: -lesion["score"])
-    _write_png(out / f"{item.name}_mask.png", mask)
+    files = {out / f"{item.name}_mask.png": _encode_png(out / f"{item.name}_mask.png", mask)}
+    seg_path, seg = out / f"{item.name}_seg.dcm", None
     if algorithm is not None and is_dicom(item.path):
-        write_dicom_seg(item.path, mask, out / f"{item.name}_seg.dcm", algorithm)
+        seg = encode_dicom_seg(item.path, mask, algorithm)
+    if seg is not None:
+        files[seg_path] = seg
 
     height, width = mask.shape
     small_h, small_w = item.display.shape
@@ -237,7 +253,8 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
         x0, y0, x1, y1 = (round(v * scale) for v in lesion["bbox"])
         cv2.rectangle(panel, (offset + x0, y0), (offset + max(x0, x1 - 1), max(y0, y1 - 1)),
                       CLASS_COLOURS[lesion["class_id"]].tolist(), 1)
-    _write_png(out / f"{item.name}_overlay.png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+    overlay = out / f"{item.name}_overlay.png"
+    files[overlay] = _encode_png(overlay, cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
     y0, y1, x0, x1 = item.meta["box"]
     record = {"source": str(item.path.absolute()), "name": item.name,
@@ -245,7 +262,10 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
               "breast_box": [x0, y0, x1, y1], "flipped": item.meta["flipped"],
               "malignancy_score": round(float(probs[MALIGNANT_CLASSES].max()), 4),
               "lesions": lesions}
-    (out / f"{item.name}.json").write_text(json.dumps(record, indent=2))
+    files[out / f"{item.name}.json"] = json.dumps(record, indent=2).encode()
+    _write_set(files)
+    if seg is None:  # an earlier run's Segmentation would contradict this mask
+        seg_path.unlink(missing_ok=True)
     return record
 
 

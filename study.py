@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> str:
     for index, (mode, flags) in enumerate(modes.items()):
         run_dir = out / ("whole" if index == 0 else "patch")
         timed(commands, f"train: {mode}", "Train_deep_labv3+.py", training.main,
-              [*common, "--checkpoint-dir", str(run_dir), *flags])
+              # OUT is new or --overwrite was given: a previous study's run gives way
+              [*common, "--checkpoint-dir", str(run_dir), *flags, "--overwrite"])
         timed(commands, f"test: {mode}", "Test_deep_labV3+.py", evaluation.main, [
             "--checkpoint", str(run_dir / "best.pth"), "--csv", str(csv_dir / "test.csv"),
             "--out", str(out / "results" / run_dir.name), "--cache-dir", str(out / "cache"),

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import os
+import pickle
 import random
+import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,20 +31,134 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
 
 
+class UsageError(Exception):
+    """A flag or path that cannot work, found before any long work: the message names the flag
+    or file and the fix; the scripts exit with code 2."""
+
+
+class DiskFullError(OSError):
+    """A write that failed for want of space; the message names the folder and its free space."""
+
+
 # ----------------------------------------------------------------------------- files
 
+# mkstemp's names: "." + the file's name + "." + 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_LOW_SPACE = 1 << 20  # bytes: below this a writer's error without an errno means "disk full"
 
-def atomic_write(path: Path, write: Any) -> None:
+
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Call write(tmp_path) then rename over path, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(writes: dict[Path, Callable[[str], Any]]) -> None:
+    """Each write(tmp_path) into a hidden temporary file beside its path, then every rename:
+    a crash never leaves half a file, and a failed write leaves none of the set.
+
+    Files get the mode open() would give them (0666 less the umask), not mkstemp's 0600; a full
+    disk raises DiskFullError naming the folder and its free space.
+    """
+    temps: dict[Path, str] = {}
+    path = next(iter(writes), Path("."))
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                               suffix=".tmp")
+            os.close(fd)
+            os.chmod(temps[path], 0o666 & ~current_umask())
+            write(temps[path])
+        for target, tmp in temps.items():
+            os.replace(tmp, target)
+    except BaseException as error:
+        full = _is_disk_full(error, path.parent)
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(
+                f"no space left on device writing {path}: {path.parent} has "
+                f"{format_bytes(free_bytes(path.parent))} free; free some space there or "
+                "write elsewhere") from error
         raise
+
+
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC or EDQUOT, or a writer that hides the errno (torch.save raises RuntimeError
+    'basic_ios::clear' or '... requested and ... written') on a folder with no space left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, RuntimeError | OSError) and free_bytes(folder) < _LOW_SPACE
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask can only read it by
+    setting it, for every thread at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def existing_ancestor(path: Path) -> Path:
+    """path itself if it exists, else its nearest ancestor that does."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(folder: Path) -> int:
+    """Space the current user can still write in folder (or where it would be created)."""
+    return shutil.disk_usage(existing_ancestor(folder)).free
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def check_writable_dir(folder: Path, flag: str) -> None:
+    """Raise UsageError unless folder is, or can be created as, a folder this user can write
+    to; nothing is created (a probe file comes and goes in the nearest existing ancestor)."""
+    base = existing_ancestor(folder)
+    if not base.is_dir():
+        raise UsageError(f"cannot create {flag} {folder}: {base} is a file, not a folder; "
+                         "choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as error:
+        where = "" if base == folder.absolute() else f" (its existing parent {base})"
+        raise UsageError(f"cannot write to {flag} {folder}{where}: {error.strerror}; choose a "
+                         "writable folder") from error
+
+
+def clean_stale_tmp(folder: Path, min_age_s: float = 600.0) -> list[Path]:
+    """Delete the hidden temporary files (.NAME.XXXXXXXX.tmp) that killed atomic writes left in
+    folder, unmodified for min_age_s; returns them. Pass min_age_s=0 only where no other process
+    can be writing into folder now (another run could be filling a shared cache)."""
+    if not folder.is_dir():
+        return []
+    now, removed = time.time(), []
+    for entry in folder.iterdir():
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        try:
+            if entry.is_file() and now - entry.stat().st_mtime >= min_age_s:
+                entry.unlink()
+                removed.append(entry)
+        except FileNotFoundError:  # its writer renamed or removed it just now
+            continue
+    return removed
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -54,10 +172,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types for a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_error_reason(error)}; "
+                              "pass a .pth the training script wrote") from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model/config)")
     return checkpoint
+
+
+def load_error_reason(error: Exception) -> str:
+    """torch.load's error on one line (its weights_only refusal runs to a dozen lines)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds pickled objects, not only tensors (refused: weights_only loading)"
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def check_config_matches(saved: dict, wanted: dict, source: Path) -> None:
@@ -180,6 +307,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank src's buffers (BatchNorm running statistics). DDP copies them only at
+    the next forward, so without this each rank would validate its own mix of statistics, not
+    the model rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -189,40 +325,51 @@ def cleanup_distributed() -> None:
 
 
 class TeeStdout:
-    """Within `with`, every line printed to stdout also goes to `path` (appended), stamped with
-    the time; disabled, it does nothing (e.g. on ranks other than 0)."""
+    """Within `with`, every line printed to stdout is also kept, stamped with the time: in
+    memory until open(path) names its file (a run that fails before its folder is ready leaves
+    none), then appended there as it comes. Disabled, it does nothing (ranks other than 0)."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.screen: TextIO = sys.stdout
         self.file: TextIO | None = None
+        self.kept: list[str] = []  # stamped lines before open()
         self.pending = ""
 
     def __enter__(self) -> TeeStdout:
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = self.path.open("a", encoding="utf-8")
             self.screen, sys.stdout = sys.stdout, self
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
+        if self.enabled:
             sys.stdout = self.screen
             self._log([self.pending] if self.pending else [])
-            self.file.close()
-            self.file = None
+            if self.file is not None:
+                self.file.close()
+
+    def open(self, path: Path) -> None:
+        """Append the lines so far and every later one to `path`."""
+        if self.enabled:
+            self.file = path.open("a", encoding="utf-8")
+            self.file.writelines(self.kept)
+            self.file.flush()
 
     def write(self, text: str) -> int:
         self.screen.write(text)
-        if self.file is not None:
+        if self.enabled:
             *lines, self.pending = (self.pending + text).split("\n")
             self._log(lines)
         return len(text)
 
     def _log(self, lines: list[str]) -> None:
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        self.file.writelines(f"{stamp}  {line}\n" for line in lines)
-        self.file.flush()  # a run killed later keeps every line so far
+        stamped = [f"{stamp}  {line}\n" for line in lines]
+        if self.file is None:
+            self.kept += stamped
+        else:
+            self.file.writelines(stamped)
+            self.file.flush()  # a run killed later keeps every line so far
 
     def flush(self) -> None:
         self.screen.flush()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,11 +130,18 @@ def test_damaged_cache_entry_is_named_and_rebuilt(csv_dir, tmp_path, capsys):
     assert image_path.name in capsys.readouterr().err
 
 
-def test_prepare_builds_in_parallel_processes(csv_dir, tmp_path):
-    data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
+def test_prepare_builds_in_parallel_processes_and_cleans_stale_temporaries(csv_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale, fresh = cache / ".abc.image.npy.k1l2m3n4.tmp", cache / ".abc.mask.npy.x1y2z3w4.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600,) * 2)  # a killed writer's, an hour ago
+    data = MammogramDataset.from_csv(csv_dir / "val.csv", cache, SIZE)
     report = data.prepare(workers=2, progress=False)
     assert report.built == len(data) and not report.skipped
-    assert not list((tmp_path / "cache").glob("*.tmp"))
+    # Another run may be writing the fresh one into the shared cache right now.
+    assert not stale.exists() and fresh.exists()
 
 
 def test_size_mismatched_mask_is_resized_and_counted(tmp_path):

@@ -281,10 +281,10 @@ def test_dicom_seg_matches_the_mask_png_and_references_its_source(checkpoints, t
         assert pixels.shape == (1, *mask.shape, len(classes))
         for k, cls in enumerate(classes):
             np.testing.assert_array_equal(pixels[0, ..., k], mask == cls)
-    # Nothing found: no Segmentation (it needs a segment), the PNG mask all background.
-    assert run(checkpoints["background"], tmp_path / "empty", sources["plain"]) == 0
-    assert not list((tmp_path / "empty").glob("*_seg.dcm"))
-    assert (tmp_path / "empty" / "plain_mask.png").exists()
+    # Nothing found: no Segmentation (it needs a segment), and none left from the last run.
+    assert run(checkpoints["background"], out, sources["plain"]) == 0
+    assert not (out / "plain_seg.dcm").exists() and (out / "referenced_seg.dcm").exists()
+    assert not cv2.imread(str(out / "plain_mask.png"), cv2.IMREAD_UNCHANGED).any()
 
 
 def test_tcia_case_tree_skips_roi_masks_and_crops_and_warns_on_small_images(checkpoints,

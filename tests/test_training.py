@@ -18,8 +18,9 @@ import torch
 import evaluation
 import training
 import utils
-from tests.conftest import train_args
-from utils import CheckpointError, StepLog, TeeStdout, load_checkpoint
+from dataset import MammogramDataset
+from tests.conftest import SIZE, train_args
+from utils import CheckpointError, DistInfo, StepLog, TeeStdout, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,18 +64,24 @@ def test_train_log_has_the_screen_lines_timestamped_with_step_timings(trained_ru
 
 
 def test_tee_stdout_copies_every_screen_line_with_a_timestamp(tmp_path, capsys):
-    log = tmp_path / "run" / "train.log"
-    with TeeStdout(log):
-        print("first line")
+    log = tmp_path / "train.log"
+    with TeeStdout() as tee:
+        print("before the run folder is ready")
+        tee.open(log)
         print("in", "two parts")
         sys.stdout.write("no newline")
     print("after")
-    assert capsys.readouterr().out == "first line\nin two parts\nno newlineafter\n"
+    assert capsys.readouterr().out == ("before the run folder is ready\nin two parts\n"
+                                       "no newlineafter\n")
     lines = log.read_text().splitlines()
-    assert [line[21:] for line in lines] == ["first line", "in two parts", "no newline"]
+    assert [line[21:] for line in lines] == ["before the run folder is ready", "in two parts",
+                                             "no newline"]
     assert all(re.match(STAMP, line) for line in lines)
-    with TeeStdout(log, enabled=False):
+    with TeeStdout() as tee:  # a run that fails before its folder is ready: no file
+        print("cache build failed")
+    with TeeStdout(enabled=False) as tee:
         print("not logged")
+        tee.open(log)
     assert len(log.read_text().splitlines()) == 3
 
 
@@ -250,3 +257,14 @@ def test_two_process_ddp_run_matches_single_process_structure(csv_dir, trained_r
         k: v.shape for k, v in single["model"].items()}
     log = pd.read_csv(run / "checkpoint" / "log.csv")
     assert len(log) == 1 and 0 <= log["mean_fg_dice"].iloc[0] <= 1
+    # Both ranks validated the model rank 0 saved (its BatchNorm statistics, not their own).
+    args, _ = training.parse_args(command[8:])  # the training flags
+    net, _ = evaluation.load_trained_model(run / "checkpoint" / "last.pth", torch.device("cpu"))
+    val_set = MammogramDataset.from_csv(csv_dir / "val.csv", args.cache_dir, SIZE)
+    loss, count = 0.0, 0
+    for rank in (0, 1):  # each rank's share in its batches: the Dice term is per batch
+        loader, share = training.make_loader(val_set, args, DistInfo(rank, 2), False,
+                                             torch.device("cpu"))
+        val = training.evaluate(net, loader, torch.device("cpu"), args, DistInfo())
+        loss, count = loss + val["val_loss"] * len(share), count + len(share)
+    assert math.isclose(loss / count, log["val_loss"].iloc[0], abs_tol=2e-5)
