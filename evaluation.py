@@ -73,6 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_flags(parser)
     add("--iou-threshold", type=float, default=0.2,
         help="a detected region hits an ROI when their IoU is at least this")
+    add("--min-area", type=int, default=metrics.MIN_LESION_AREA,
+        help="predicted components smaller than this many original pixels are background, as "
+             "in predict.py's output (so the figures score the detector that ships)")
     add("--malignancy-threshold", type=float, default=0.5,
         help="operating point for image-level malignancy sensitivity/specificity")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples (over patients)")
@@ -173,20 +176,21 @@ class Accumulator:
 
 def evaluate_image(acc: Accumulator, probs: np.ndarray, mask_low: np.ndarray, meta: dict,
                    roi_masks: list[np.ndarray], class_ids: tuple[int, ...],
-                   iou_threshold: float) -> dict:
-    """Add one image's figures at both resolutions; returns its per-image row."""
+                   iou_threshold: float, min_area: int = metrics.MIN_LESION_AREA) -> dict:
+    """Add one image's figures at both resolutions; returns its per-image row. At original
+    resolution, components under min_area pixels are background (as predict.py writes them)."""
     num_classes = probs.shape[0]
     pred_low = probs.argmax(0)
     acc.stats_low.append(metrics.segmentation_stats(pred_low, mask_low, num_classes))
     acc.add_confusion("confusion_low", metrics.confusion_matrix(pred_low, mask_low, num_classes))
 
     pred, abnormality = predict_at_original(probs, meta)
+    candidates = metrics.drop_small_lesions(abnormality, pred, min_area)
     truth = merge_masks(roi_masks, class_ids)
     stats = metrics.segmentation_stats(pred, truth, num_classes)
     acc.stats.append(stats)
     acc.lesion.append(metrics.lesion_stats(pred, truth))
     acc.add_confusion("confusion", metrics.confusion_matrix(pred, truth, num_classes))
-    candidates = metrics.lesion_candidates(abnormality, pred)
     detections = metrics.match_candidates(candidates, roi_masks, class_ids, iou_threshold)
     acc.detections.append(detections)
     acc.detections_centre.append(
@@ -208,9 +212,11 @@ def evaluate_image(acc: Accumulator, probs: np.ndarray, mask_low: np.ndarray, me
 
 
 def with_ci(values, patients: np.ndarray, statistic, args) -> dict:
-    """{"value": ..., "ci95": [lo, hi]} for a statistic of per-image weights."""
-    lo, hi = metrics.bootstrap_ci(statistic, patients, args.bootstrap, args.seed)
-    return {"value": _plain(values), "ci95": [_plain(lo), _plain(hi)]}
+    """{"value": ..., "ci95": [lo, hi], "valid_resamples": n} for a statistic of per-image
+    weights; n counts the resamples where the statistic is defined (the CI rests on those)."""
+    lo, hi, n_valid = metrics.bootstrap_ci(statistic, patients, args.bootstrap, args.seed)
+    return {"value": _plain(values), "ci95": [_plain(lo), _plain(hi)],
+            "valid_resamples": np.asarray(n_valid).tolist()}
 
 
 def _plain(x):
@@ -235,13 +241,16 @@ def summarise(acc: Accumulator, table: pd.DataFrame, args) -> dict:
                 return metrics.dice_iou(all_stats, w)[key]
             per_class = with_ci(metrics.dice_iou(all_stats)[key], patients, statistic, args)
             result[key] = {name: {"value": per_class["value"][c],
-                                  "ci95": [per_class["ci95"][0][c], per_class["ci95"][1][c]]}
+                                  "ci95": [per_class["ci95"][0][c], per_class["ci95"][1][c]],
+                                  "valid_resamples": per_class["valid_resamples"][c]}
                            for c, name in enumerate(CLASS_NAMES)}
         result["n_images_with_class"] = dict(zip(
             CLASS_NAMES, metrics.dice_iou(all_stats)["n_images_with_class"].tolist(), strict=True))
         return result
 
-    def collection_dice(collection: str) -> dict:
+    def collection_lesion_dice(collection: str) -> dict:
+        # Binary lesion Dice (any class > 0 against background), as mass or calcification
+        # segmentation papers report on the Mass-Test or Calc-Test images: benign ROIs count.
         on = (table["collection"] == collection).to_numpy()
         lesion = np.stack(acc.lesion)
         result = with_ci(metrics.pooled_dice(lesion, on.astype(float)), patients,
@@ -269,10 +278,11 @@ def summarise(acc: Accumulator, table: pd.DataFrame, args) -> dict:
         "original_resolution": {
             **segmentation(stats),
             "confusion_matrix": acc.confusion.tolist(),
-            "mass_dice_on_mass_test_images": collection_dice("Mass-Test"),
-            "calc_dice_on_calc_test_images": collection_dice("Calc-Test"),
+            "lesion_dice_on_mass_test_images": collection_lesion_dice("Mass-Test"),
+            "lesion_dice_on_calc_test_images": collection_lesion_dice("Calc-Test"),
             "detection": {
                 "fp_per_image": list(FP_RATES),
+                "min_area": args.min_area,
                 f"iou_at_least_{args.iou_threshold}": detection(acc.detections),
                 "centre_inside_roi": detection(acc.detections_centre),
             },
@@ -322,7 +332,7 @@ def run(args) -> dict:
             roi_masks, _ = read_roi_masks(mammogram, dataset.cache.data_root,
                                           tuple(meta["original_shape"]))
             row = evaluate_image(acc, prob, mask.numpy(), meta, roi_masks, mammogram.class_ids,
-                                 args.iou_threshold)
+                                 args.iou_threshold, args.min_area)
             acc.rows.append({"img_path": mammogram.img_path, "patient_id": mammogram.patient_id,
                              "collection": mammogram.collection, **row})
             if len(overlays) < args.overlays:

@@ -19,6 +19,9 @@ import cv2
 import numpy as np
 
 CLASS_NAMES = ("background", "benign", "mass", "calc")
+# Predicted components smaller than this (original pixels) are no lesion: evaluation scores and
+# predict.py ships the same detector (see drop_small_lesions).
+MIN_LESION_AREA = 16
 
 
 def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
@@ -167,6 +170,21 @@ def lesion_candidates(
             )
         )
     return out
+
+
+def drop_small_lesions(
+    abnormality_prob: np.ndarray, pred: np.ndarray, min_area: int = MIN_LESION_AREA
+) -> list[Candidate]:
+    """The lesion candidates of `pred` with at least `min_area` pixels; the pixels of smaller
+    components are set to background in `pred` (in place), so the mask and the list agree."""
+    kept = []
+    for candidate in lesion_candidates(abnormality_prob, pred):
+        if candidate.area >= min_area:
+            kept.append(candidate)
+        else:
+            x0, y0, x1, y1 = candidate.bbox
+            pred[y0:y1, x0:x1][candidate.mask] = 0
+    return kept
 
 
 def match_candidates(
@@ -339,11 +357,14 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile (1 - alpha) interval (lo, hi) of `statistic(weights)` over patient resamples.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Percentile (1 - alpha) interval (lo, hi) of `statistic(weights)` over patient resamples,
+    and how many resamples it rests on.
 
     `statistic` receives one per-image weight vector and returns a number or an array (then the
-    interval is elementwise). Resamples where it is NaN (e.g. a class not drawn) are ignored.
+    interval is elementwise). Resamples where it is NaN (e.g. a class not drawn) are left out;
+    `n_valid` (int, shaped like the statistic) counts the others, so a reader sees when an
+    interval rests on fewer resamples than were drawn.
     """
     values = np.array(
         [statistic(w) for w in bootstrap_weights(patient_ids, n_resamples, seed)], dtype=np.float64
@@ -351,4 +372,4 @@ def bootstrap_ci(
     with warnings.catch_warnings():  # all-NaN entries give NaN bounds; that is the answer
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanpercentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
-    return lo, hi
+    return lo, hi, (~np.isnan(values)).sum(axis=0)

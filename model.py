@@ -15,21 +15,26 @@ from torchvision import models
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 SUPPORTED_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-# Layers to dilate (instead of stride) and ASPP rates for each output stride.
-_DILATIONS = {16: {"layer4": 2}, 8: {"layer3": 2, "layer4": 4}}
+# Layers to dilate (instead of stride), each with (dilation before it, its dilation), and ASPP
+# rates for each output stride; torchvision's replace_stride_with_dilation [F, F, T] / [F, T, T].
+_DILATIONS = {16: {"layer4": (1, 2)}, 8: {"layer3": (1, 2), "layer4": (2, 4)}}
 _ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
-def _dilate(layer: nn.Module, dilation: int) -> None:
-    # torchvision's replace_stride_with_dilation is not implemented for BasicBlock (resnet18/34),
-    # so every backbone uses this: strided convs (3x3 and downsample 1x1) get stride 1, and
-    # every 3x3 conv gets the dilation with padding = dilation, which keeps the spatial size.
+def _dilate(layer: nn.Module, previous: int, dilation: int) -> None:
+    # torchvision's replace_stride_with_dilation semantics, which it does not implement for
+    # BasicBlock (resnet18/34), so every backbone uses this: the strided convs (the first
+    # block's strided 3x3 and its 1x1 downsample) get stride 1 and keep the previous dilation,
+    # every 3x3 conv after them gets `dilation` (padding = dilation keeps the size). Each
+    # pretrained filter then sees its taps as far apart, in input pixels, as in pretraining,
+    # and the dilated stage's output at every stride-th pixel is the strided stage's output.
     for conv in layer.modules():
         if isinstance(conv, nn.Conv2d):
+            rate = previous if conv.stride != (1, 1) else dilation
             conv.stride = (1, 1)
             if conv.kernel_size == (3, 3):
-                conv.dilation = (dilation, dilation)
-                conv.padding = (dilation, dilation)
+                conv.dilation = (rate, rate)
+                conv.padding = (rate, rate)
 
 
 class ResNetEncoder(nn.Module):
@@ -98,8 +103,8 @@ class DeepLabV3Plus(nn.Module):
         if output_stride not in _DILATIONS:
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
         resnet = models.get_model(backbone, weights=None)
-        for name, dilation in _DILATIONS[output_stride].items():
-            _dilate(getattr(resnet, name), dilation)
+        for name, (previous, dilation) in _DILATIONS[output_stride].items():
+            _dilate(getattr(resnet, name), previous, dilation)
         self.backbone = ResNetEncoder(resnet, in_channels)
         # The paper's width is 256; narrower (e.g. 64) cuts most of the FLOPs at small sizes.
         self.aspp = ASPP(self.backbone.out_channels, _ASPP_RATES[output_stride],
@@ -146,11 +151,10 @@ def _load_encoder_weights(encoder: ResNetEncoder, pretrained: str, backbone: str
     conv1 = state.get("conv1.weight")
     in_channels = encoder.stem.conv1.in_channels
     if conv1 is not None and conv1.shape[1] == 3 and in_channels != 3:
-        # Summing the RGB filters gives a gray image the response of the same image in RGB.
-        if in_channels == 1:
-            state["conv1.weight"] = conv1.sum(1, keepdim=True)
-        else:
-            state["conv1.weight"] = conv1.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
+        # Each channel gets sum / k of the RGB filters: k copies of a grey image then give the
+        # response of the same image in RGB (k = 1: the summed filters).
+        grey = conv1.sum(1, keepdim=True) / in_channels
+        state["conv1.weight"] = grey.repeat(1, in_channels, 1, 1)
     state = {("stem." + k if k.startswith(("conv1.", "bn1.")) else k): v for k, v in state.items()}
     try:
         encoder.load_state_dict(state, strict=True)

@@ -53,7 +53,7 @@ from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
 from evaluation import image_folder_name, load_trained_model, resolve_checkpoint
 from inference import predict_at_original, predict_probabilities, resolution_of
 from main_retrieval import kind_from_description, looks_like_mask
-from metrics import CLASS_NAMES, lesion_candidates
+from metrics import CLASS_NAMES, MIN_LESION_AREA, drop_small_lesions
 from report import CLASS_COLOURS, overlay_panel
 from utils import (
     CheckpointError,
@@ -89,9 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="output folder (files already in it are overwritten; it is never read as input)")
     add("--batch-size", type=positive_int, default=4, help="images per forward pass")
     add_device_flags(parser)
-    add("--min-area", type=positive_int, default=16,
+    add("--min-area", type=positive_int, default=MIN_LESION_AREA,
         help="predicted components smaller than this many original pixels are dropped from "
-             "the mask, the overlay and the lesion list")
+             "the mask, the overlay and the lesion list (the test script's default too)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -227,11 +227,8 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
     its (C, H, W) probabilities at the model's resolution; returns the JSON's content."""
     mask, abnormality = predict_at_original(probs, item.meta)
     lesions = []
-    for candidate in lesion_candidates(abnormality, mask):
+    for candidate in drop_small_lesions(abnormality, mask, min_area):
         x0, y0, x1, y1 = candidate.bbox
-        if candidate.area < min_area:
-            mask[y0:y1, x0:x1][candidate.mask] = 0
-            continue
         lesions.append({"class": CLASS_NAMES[candidate.cls], "class_id": candidate.cls,
                         "score": round(candidate.score, 4), "bbox": [x0, y0, x1, y1],
                         "area": candidate.area,
@@ -280,7 +277,7 @@ class Summary:
 
 def predict_files(files: list[Path], names: list[str], model: nn.Module, config: dict,
                   out: Path, device: torch.device, *, batch_size: int = 4, amp: str = "auto",
-                  min_area: int = 16, progress: bool = True,
+                  min_area: int = MIN_LESION_AREA, progress: bool = True,
                   algorithm: SegAlgorithm | None = None) -> Summary:
     """Predict every file in batches and write its outputs as <name>_* into out (a DICOM SEG
     per DICOM when `algorithm` identifies the model); files that cannot be read, ROI masks and

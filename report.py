@@ -29,26 +29,38 @@ def _value(entry: dict) -> str:
 
 
 def headline_table(results: dict) -> str:
-    """The numbers a reader compares, each with its patient-bootstrap 95% CI, on one screen."""
+    """The numbers a reader compares, each with its patient-bootstrap 95% CI and the number of
+    resamples that CI rests on (those where the figure is defined), on one screen. The labels
+    say what is computed; README "How the numbers are computed" has the details."""
     original = results["original_resolution"]
-    detection = next(v for k, v in original["detection"].items() if k.startswith("iou"))
+    detection_key = next(k for k in original["detection"] if k.startswith("iou"))
+    detection = original["detection"][detection_key]
     rates = original["detection"]["fp_per_image"]
-    lines = [f"{results['n_images']} images, {results['n_lesions']} lesions, "
-             f"{results['n_patients']} patients ({results['csv']})",
-             f"{'metric (original resolution)':<40} value [95% CI]"]
-    for name in results["classes"][1:]:
-        lines.append(f"{'Dice ' + name + ' (pooled)':<40} "
-                     f"{_value(original['dice_pooled'][name])}")
-    lines.append(f"{'Dice mass, Mass-Test images':<40} "
-                 f"{_value(original['mass_dice_on_mass_test_images'])}")
-    lines.append(f"{'Dice calc, Calc-Test images':<40} "
-                 f"{_value(original['calc_dice_on_calc_test_images'])}")
+    iou = detection_key.removeprefix("iou_at_least_")
+    min_area = original["detection"]["min_area"]
+    rows = [(f"Dice {name}, pixels pooled over all images", original["dice_pooled"][name])
+            for name in results["classes"][1:]]
+    rows += [("Lesion Dice (any class), Mass-Test images",
+              original["lesion_dice_on_mass_test_images"]),
+             ("Lesion Dice (any class), Calc-Test images",
+              original["lesion_dice_on_calc_test_images"])]
     for rate in (0.5, 1, 2):
         i = rates.index(rate)
-        entry = {"value": detection["all"]["value"][i],
-                 "ci95": [detection["all"]["ci95"][0][i], detection["all"]["ci95"][1][i]]}
-        lines.append(f"{f'lesion sensitivity at {rate} FP/image':<40} {_value(entry)}")
-    lines.append(f"{'malignancy AUC (image level)':<40} {_value(results['malignancy']['auc'])}")
+        rows.append((f"Lesion sensitivity at {rate} FP/image",
+                     {"value": detection["all"]["value"][i],
+                      "ci95": [detection["all"]["ci95"][0][i], detection["all"]["ci95"][1][i]],
+                      "valid_resamples": detection["all"]["valid_resamples"][i]}))
+    rows.append(("Malignancy AUC, image score = max p(mass), p(calc)",
+                 results["malignancy"]["auc"]))
+    label_width = max(len(label) for label, _ in rows) + 2
+    resamples = results["bootstrap"]["resamples"]
+    lines = [f"{results['n_images']} images, {results['n_lesions']} lesions, "
+             f"{results['n_patients']} patients ({results['csv']})",
+             f"original resolution; lesions: predicted components >= {min_area} px, "
+             f"a hit at IoU >= {iou}",
+             f"{'metric':<{label_width}}{'value [95% CI]':<24}valid/{resamples} resamples"]
+    lines += [f"{label:<{label_width}}{_value(entry):<24}{entry['valid_resamples']}"
+              for label, entry in rows]
     width = max(len(line) for line in lines)
     return "\n".join(["=" * width, *lines, "=" * width])
 
@@ -106,7 +118,8 @@ def plot_training_curves(log_path: Path, path: Path) -> Path:
     left.plot(log["epoch"], log["val_loss"], label="validation")
     left.set(xlabel="epoch", ylabel="loss", title="Loss")
     left.legend()
-    for column in [c for c in log.columns if c.startswith("dice_")] + ["mean_fg_dice"]:
+    for column in [c for c in log.columns if c.startswith("dice_")
+                   or c in ("mean_fg_dice", "ema_fg_dice")]:
         right.plot(log["epoch"], log[column], label=column.replace("_", " "))
     right.set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1), title="Validation Dice")
     right.legend()

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -62,6 +63,7 @@ from utils import (
     check_writable_dir,
     clean_stale_tmp,
     cleanup_distributed,
+    derive_seed,
     existing_ancestor,
     format_bytes,
     free_bytes,
@@ -74,6 +76,8 @@ from utils import (
     seed_everything,
 )
 
+# First words of the SeedSequence entropy of each random stream (see utils.derive_seed).
+TORCH_SEED, AUGMENT_SEED, SAMPLER_SEED = 1, 2, 3
 # Flags that describe this machine or this command, not the run: a resumed run takes them from
 # the command line. (--cache-dir and --data-root come from the run unless given: finding the
 # run's cache again is the point of resuming.)
@@ -123,9 +127,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, default=40, help="number of epochs")
     add("--batch-size", type=int, default=8, help="images per device and step (at least 2)")
     add("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
-    add("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    add("--weight-decay", type=float, default=1e-4,
+        help="AdamW weight decay of conv and linear weights (none on BatchNorm and biases)")
     add("--warmup-epochs", type=float, default=1.0,
-        help="linear learning-rate warm-up, then cosine decay to zero")
+        help="linear learning-rate warm-up, then cosine decay to --min-lr-ratio x --lr")
+    add("--min-lr-ratio", type=float, default=0.1,
+        help="floor of the cosine decay as a fraction of --lr (nanoGPT's 0.1)")
+    add("--clip-grad-norm", type=float, default=12.0,
+        help="clip the gradient norm (after un-scaling) to this; 0 turns clipping off")
     add("--dice-weight", type=float, default=1.0,
         help="weight of the soft Dice term added to cross-entropy")
     add("--no-augment", dest="augment", action="store_false",
@@ -156,32 +165,89 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- loss, schedule
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground classes, pooled over the batch."""
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients over ranks too (nnU-Net's AllGatherGrad
+    with the sum taken at once): each rank's sums feed every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
+                   pool_ranks: bool = False) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes, pooled over the batch.
+
+    pool_ranks (training under DDP): the sums are pooled over every rank's batch, as nnU-Net
+    does, so a rank whose images lack a class does not score it alone. The all-reduce passes
+    gradients back (summed over ranks, which DDP's averaging undoes); every rank must call it.
+    """
     probs = logits.float().softmax(dim=1)[:, 1:]
     one_hot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
     dims = (0, 2, 3)
-    intersection = (probs * one_hot).sum(dims)
-    total = probs.sum(dims) + one_hot.sum(dims)
+    sums = torch.stack([(probs * one_hot).sum(dims), probs.sum(dims) + one_hot.sum(dims)])
+    if pool_ranks and dist.is_available() and dist.is_initialized():
+        sums = _AllReduceSum.apply(sums)
+    intersection, total = sums
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
-                      dice_weight: float = 1.0) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
+                      pool_ranks: bool = False) -> torch.Tensor:
     """Cross-entropy plus soft Dice: lesions are under 2% of the pixels. target: class ids."""
     target = target.long()
-    return F.cross_entropy(logits.float(), target) + dice_weight * soft_dice_loss(logits, target)
+    return (F.cross_entropy(logits.float(), target)
+            + dice_weight * soft_dice_loss(logits, target, pool_ranks=pool_ranks))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int,
-                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak, then cosine decay to min_ratio x the peak."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def last_step_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate of the last optimizer step taken (param_groups hold the next one's)."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch - 1)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only: decaying BatchNorm scales and biases
+    shrinks them for nothing (nanoGPT and torchvision's --norm-weight-decay 0)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, max_norm: float) -> None:
+    """Clip the gradient norm to max_norm (0: off) on the true, un-scaled gradients."""
+    if max_norm > 0:
+        scaler.unscale_(optimizer)  # scaler.step knows and does not un-scale twice
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def update_ema(ema: float | None, value: float, decay: float = 0.9) -> float | None:
+    """nnU-Net's smoothing of the validation Dice (0.9 old, 0.1 new), which picks best.pth: one
+    lucky epoch on a small validation set does not. A NaN epoch (no class present) is skipped."""
+    if math.isnan(value):
+        return ema
+    return value if ema is None else decay * ema + (1 - decay) * value
 
 
 # ----------------------------------------------------------------------------- steps
@@ -210,9 +276,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             images, masks = augment_batch(images, masks, generator)
         with autocast_for(device, args.amp):
             logits = model(normalize_input(images))
-        loss = segmentation_loss(logits, masks, args.dice_weight)
+        loss = segmentation_loss(logits, masks, args.dice_weight, pool_ranks=dist_info.enabled)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        clip_gradients(model, optimizer, scaler, args.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -515,8 +582,8 @@ def build_training_state(args, device: torch.device, pretrained: str | None, war
                         args.decoder_channels).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    scheduler = warmup_cosine(optimizer, warmup_steps, total_steps, args.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     return model, optimizer, scheduler, scaler
 
@@ -531,7 +598,8 @@ def make_loader(dataset: MammogramDataset | PatchDataset, args, dist_info: DistI
     if train:
         sampler_type = EpochSampler if args.patch_size else DistributedSampler
         sampler = sampler_type(dataset, num_replicas=dist_info.world_size,
-                               rank=dist_info.rank, shuffle=True, seed=args.seed)
+                               rank=dist_info.rank, shuffle=True,
+                               seed=derive_seed(SAMPLER_SEED, args.seed))
     else:
         sampler = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     batch_size = 1 if args.patch_size and not train else args.batch_size
@@ -601,13 +669,14 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         args, device, None if checkpoint else args.pretrained,
         warmup_steps=max(1, round(args.warmup_epochs * steps_per_epoch)),
         total_steps=args.epochs * steps_per_epoch)
-    start_epoch, best = 0, -1.0
+    start_epoch, best, ema = 0, -1.0, None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best_metric"]
+        ema = checkpoint.get("ema_metric")
     trained = model
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -632,32 +701,37 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
     for epoch in range(start_epoch, args.epochs):
         start = time.perf_counter()
         # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
-        torch.manual_seed(args.seed + epoch)
+        torch.manual_seed(derive_seed(TORCH_SEED, args.seed, epoch))
         train_sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 1_009
-                                                  + dist_info.rank)
+        generator = torch.Generator().manual_seed(
+            derive_seed(AUGMENT_SEED, args.seed, epoch, dist_info.rank))
         train_loss = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device,
                                      args, generator, dist_info)
+        train_seconds = time.perf_counter() - start
         # The plain model: ranks may see different numbers of val batches, and DDP's forward
         # would wait for the others.
         broadcast_buffers(model)  # every rank validates the model rank 0 saves
         val = evaluate(model, val_loader, device, args, dist_info)
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+        ema = update_ema(ema, val["mean_fg_dice"])
+        row = {"epoch": epoch + 1, "lr": last_step_lr(scheduler),
                "train_loss": round(train_loss, 5), "val_loss": round(val["val_loss"], 5),
                **{f"dice_{name}": round(float(d), 4)
                   for name, d in zip(CLASS_NAMES[1:], val["dice"][1:], strict=True)},
-               "mean_fg_dice": round(val["mean_fg_dice"], 4), "seconds": round(seconds, 1),
+               "mean_fg_dice": round(val["mean_fg_dice"], 4),
+               "ema_fg_dice": round(math.nan if ema is None else ema, 4),
+               "seconds": round(seconds, 1),
                "train_images_per_s": round(len(train_loader) * args.batch_size
-                                           * dist_info.world_size / seconds, 2)}
-        improved = val["mean_fg_dice"] > best
-        best = max(best, val["mean_fg_dice"])
+                                           * dist_info.world_size / train_seconds, 2)}
+        improved = ema is not None and ema > best
+        if improved:
+            best = ema
         if dist_info.is_main:
             append_csv_row(log_path, row)
             plot_training_curves(log_path, args.checkpoint_dir / "training_curves.png")
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "best_metric": best, "config": config,
+                     "epoch": epoch, "best_metric": best, "ema_metric": ema, "config": config,
                      "args": plain_args(args), "val_dice": [float(d) for d in val["dice"]],
                      "data": data}
             save_checkpoint(state, args.checkpoint_dir / "last.pth")
@@ -666,7 +740,8 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f}  "
                   f"val loss {val['val_loss']:.4f}  val Dice " + "  ".join(
                       f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("dice_"))
-                  + f"  mean {val['mean_fg_dice']:.3f}{'  *best' if improved else ''}  "
+                  + f"  mean {val['mean_fg_dice']:.3f}  EMA {row['ema_fg_dice']:.3f}"
+                  f"{'  *best' if improved else ''}  "
                   f"({seconds:.0f} s)")
         barrier()
     return row

@@ -254,6 +254,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derive_seed(*entropy: int) -> int:
+    """A 62-bit seed from np.random.SeedSequence(entropy): distinct tuples give unrelated streams,
+    where seed + epoch would give run s's epoch e + 1 the stream of run s + 1's epoch e. Pass a
+    fixed-length tuple per use (trailing zeros do not change a SeedSequence); 62 bits leave room
+    for DistributedSampler's seed + epoch."""
+    state = np.random.SeedSequence([e % 2**64 for e in entropy]).generate_state(1, np.uint64)
+    return int(state[0] >> 2)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -302,18 +311,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank. DDP broadcasts them at the
+    start of each forward, but each rank's last training forward then updates its own copy: without
+    this, validation on the other ranks would use statistics the saved model does not have."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Give every rank rank src's buffers (BatchNorm running statistics). DDP copies them only at
-    the next forward, so without this each rank would validate its own mix of statistics, not
-    the model rank 0 saves."""
-    if dist.is_available() and dist.is_initialized():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src)
 
 
 def cleanup_distributed() -> None:

@@ -306,3 +306,72 @@ def test_kaggle_jpeg_copy_gives_the_same_targets_and_8_bit_images(csv_dir, kaggl
             masks8, _ = read_roi_masks(jpeg, jpeg_root, image8.shape)
             for mask16, mask8 in zip(masks16, masks8, strict=True):
                 np.testing.assert_array_equal(mask16, mask8)
+
+
+def test_augmentation_moves_each_mask_with_its_image():
+    # With no rotation, scaling or shift the only warp left is the random vertical flip, which
+    # maps row i onto row H - 1 - i exactly (pixel centres onto pixel centres): each sample must
+    # come out unchanged or upside down, image and mask alike. Lesions are bright (0.8 on 0.2),
+    # and gamma/contrast keep them above 0.5 and the rest below.
+    masks = torch.zeros(8, 40, 24, dtype=torch.uint8)
+    masks[:, 5:17, 3:13] = 2
+    masks[:, 26:30, 15:21] = 3
+    images = 0.2 + 0.6 * (masks > 0).float()[:, None]
+    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0),
+                                          max_rotation=0, max_scale=0, max_shift=0)
+    flipped = []
+    for image, mask, original in zip(out_images, out_masks, masks, strict=True):
+        assert torch.equal(image[0] > 0.5, mask > 0)
+        flipped.append(torch.equal(mask, original.flip(0)))
+        assert flipped[-1] or torch.equal(mask, original)
+    assert any(flipped) and not all(flipped)
+    # The full random affine: the bright region and the warped mask still coincide (up to the
+    # edge pixels, where bilinear and nearest differ), and the lesions did move.
+    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0))
+    for image, mask in zip(out_images, out_masks, strict=True):
+        bright, lesion = image[0] > 0.5, mask > 0
+        assert (bright & lesion).sum() / (bright | lesion).sum() > 0.8
+    assert not torch.equal(out_masks, masks)
+
+
+def test_preprocessed_mask_takes_the_label_at_each_pixel_centre(tmp_path):
+    # A benign and a malignant calcification ROI side by side on a breast against the right edge
+    # (so flipped), scaled down by non-integer factors. Worked by hand: training-size pixel
+    # (i, j) is the label of the cropped, flipped original at (floor((i + 0.5) h / H),
+    # floor((j + 0.5) w / W)): only labels 0, 1 and 3 (linear interpolation would blend the
+    # 1|3 edge into 2 and the 0|3 edge into 1 or 2).
+    image = np.full((400, 260), 300, np.uint16)
+    image[30:370, 90:] = 30000
+    benign, calc = np.zeros(image.shape, np.uint8), np.zeros(image.shape, np.uint8)
+    benign[100:183, 150:201] = 255
+    calc[100:183, 201:243] = 255
+    write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
+    for name, roi in (("benign", benign), ("calc", calc)):
+        write_dicom(tmp_path / f"{name}.dcm", roi, patient_id="x_1", series_description="ROI")
+    mammogram = dataset.Mammogram("img.dcm", ("benign.dcm", "calc.dcm"), (1, 3), "P_1",
+                                  "Calc-Test")
+    result = dataset.preprocess(mammogram, tmp_path, (61, 37))
+    assert result.meta["flipped"]
+    y0, y1, x0, x1 = result.meta["box"]
+    merged = np.maximum(benign // 255, 3 * (calc // 255))[y0:y1, x0:x1][:, ::-1]
+    rows = np.floor((np.arange(61) + 0.5) * (y1 - y0) / 61).astype(int)
+    columns = np.floor((np.arange(37) + 0.5) * (x1 - x0) / 37).astype(int)
+    np.testing.assert_array_equal(result.mask, merged[rows][:, columns])
+    assert set(np.unique(result.mask)) == {0, 1, 3}
+
+
+def test_cache_is_rebuilt_for_another_size_or_preprocessing_version(csv_dir, tmp_path,
+                                                                    monkeypatch):
+    def prepare(size: tuple[int, int]) -> tuple[int, int]:
+        data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", size)
+        report = data.prepare(progress=False)
+        return report.built, report.cached
+
+    n = pd.read_csv(csv_dir / "val.csv")["img_path"].nunique()
+    assert prepare(SIZE) == (n, 0)
+    assert prepare(SIZE) == (0, n)
+    assert prepare((32, 24)) == (n, 0)  # another size: its own entries
+    data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", (32, 24))
+    assert data[0][0].shape == (1, 32, 24) and data[0][1].shape == (32, 24)
+    monkeypatch.setattr(dataset, "PREPROCESS_VERSION", dataset.PREPROCESS_VERSION + 1)
+    assert prepare(SIZE) == (n, 0)  # new preprocessing code: nothing old is reused

@@ -317,24 +317,28 @@ def test_bootstrap_resamples_patients_not_images():
 
 
 def test_bootstrap_ci():
-    lo, hi = metrics.bootstrap_ci(_weighted_mean, PATIENTS, n_resamples=400, seed=3)
+    lo, hi, n_valid = metrics.bootstrap_ci(_weighted_mean, PATIENTS, n_resamples=400, seed=3)
     # P(k=0) = P(k=2) = 1/4, P(k=1) = 1/2: the 2.5% and 97.5% points are 0 and 1
-    assert (float(lo), float(hi)) == (0.0, 1.0)
+    assert (float(lo), float(hi), int(n_valid)) == (0.0, 1.0, 400)
     # same seed, same result
-    assert metrics.bootstrap_ci(_weighted_mean, PATIENTS, n_resamples=400, seed=3) == (lo, hi)
+    assert metrics.bootstrap_ci(_weighted_mean, PATIENTS, n_resamples=400, seed=3) == (
+        lo, hi, n_valid)
 
-    # NaN resamples (B not drawn) are ignored: only 0 and 0.9 remain
+    # NaN resamples (B not drawn) are left out, and counted: only 0 and 0.9 remain
     def mean_if_b(w: np.ndarray) -> float:
         return np.nan if w[9] == 0 else _weighted_mean(w)
 
-    lo, hi = metrics.bootstrap_ci(mean_if_b, PATIENTS, n_resamples=400, seed=3)
+    lo, hi, n_valid = metrics.bootstrap_ci(mean_if_b, PATIENTS, n_resamples=400, seed=3)
     assert (float(lo), float(hi)) == pytest.approx((0.0, 0.9))
+    drawn_b = (metrics.bootstrap_weights(PATIENTS, n_resamples=400, seed=3)[:, 9] > 0).sum()
+    assert n_valid == drawn_b and 250 < n_valid < 350  # B is drawn with probability 3/4
 
 
 def test_bootstrap_ci_of_vector_statistic():
     stats = np.repeat(_stats(), [1, 1], axis=0)
-    lo, hi = metrics.bootstrap_ci(
+    lo, hi, n_valid = metrics.bootstrap_ci(
         lambda w: metrics.dice_iou(stats, w)["dice_pooled"], np.array(["p1", "p2"]), n_resamples=50
     )
-    assert lo.shape == hi.shape == (4,)
+    assert lo.shape == hi.shape == n_valid.shape == (4,)
     assert np.all(lo[:3] <= hi[:3]) and np.isnan(lo[3]) and np.isnan(hi[3])
+    assert n_valid[3] == 0  # no image has class 3: no resample defines its Dice

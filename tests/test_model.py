@@ -68,13 +68,44 @@ def test_features_at_stated_stride(backbone: str, output_stride: int) -> None:
     assert shapes["backbone.layer1"][1][-2:] == (H // 4, W // 4)
     assert shapes["backbone.layer4"][1][-2:] == (H // output_stride, W // output_stride)
 
-    dilations = {16: {"layer3": 1, "layer4": 2}, 8: {"layer3": 2, "layer4": 4}}[output_stride]
-    for name, d in dilations.items():
-        convs = [m for m in getattr(model.backbone, name).modules() if isinstance(m, nn.Conv2d)]
-        three = [c for c in convs if c.kernel_size == (3, 3)]
-        assert three and all(c.dilation == (d, d) and c.padding == (d, d) for c in three)
-        if d > 1:  # dilated layers keep the resolution: no strided conv, downsample included
-            assert all(c.stride == (1, 1) for c in convs)
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_dilation_is_torchvisions_replace_stride_with_dilation(output_stride: int) -> None:
+    # torchvision keeps the previous dilation in the first block of a dilated stage.
+    dilate = {16: [False, False, True], 8: [False, True, True]}[output_stride]
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=dilate)
+    ours = build_model("resnet50", output_stride=output_stride).backbone
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        expected = [(n, c.stride, c.dilation, c.padding) for n, c in
+                    getattr(reference, layer).named_modules() if isinstance(c, nn.Conv2d)]
+        got = [(n, c.stride, c.dilation, c.padding) for n, c in
+               getattr(ours, layer).named_modules() if isinstance(c, nn.Conv2d)]
+        assert got == expected
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_dilated_encoder_sees_what_the_strided_resnet_saw(backbone: str, output_stride: int,
+                                                          tmp_path: Path) -> None:
+    # Replacing a stride s by dilation is exact: with the same weights, the dilated encoder's
+    # output at every (32 / output_stride)-th pixel is the plain stride-32 ResNet's output (even
+    # sizes at every stage). It holds for BasicBlock (resnet18) as for Bottleneck only if the
+    # first block's formerly strided conv keeps the previous dilation and every 3x3 conv after it
+    # takes the new one.
+    path = tmp_path / f"{backbone}.pth"
+    _save_resnet(path, backbone)
+    resnet = torchvision.models.get_model(backbone, weights=None)
+    resnet.load_state_dict(torch.load(path, weights_only=True))
+    trunk = nn.Sequential(*list(resnet.children())[:-2]).eval()  # without avgpool and fc
+    model = build_model(backbone, in_channels=3, output_stride=output_stride,
+                        pretrained=path).eval()
+    x = torch.randn(1, 3, 128, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = trunk(x)
+        _, high = model.backbone(x)
+    step = 32 // output_stride
+    assert reference.shape[-2:] == (4, 3) and high.shape[-2:] == (4 * step, 3 * step)
+    torch.testing.assert_close(high[..., ::step, ::step], reference, rtol=1e-4, atol=1e-4)
 
 
 def test_is_v3_plus() -> None:
@@ -111,9 +142,14 @@ def test_pretrained_from_local_file(tmp_path: Path) -> None:
 
     rgb = build_model("resnet18", in_channels=3, pretrained=path)
     torch.testing.assert_close(rgb.backbone.stem.conv1.weight, state["conv1.weight"])
-    four = build_model("resnet18", in_channels=4, pretrained=path)
-    mean = state["conv1.weight"].mean(1, keepdim=True)
-    torch.testing.assert_close(four.backbone.stem.conv1.weight, mean.repeat(1, 4, 1, 1))
+    # k copies of a grey image give the response of the same grey image in RGB, for any k.
+    grey = torch.rand(1, 1, 20, 16, generator=torch.Generator().manual_seed(0))
+    expected = nn.functional.conv2d(grey.repeat(1, 3, 1, 1), state["conv1.weight"], stride=2,
+                                    padding=3)
+    for k in (1, 2, 4, 5):
+        conv1 = build_model("resnet18", in_channels=k, pretrained=path).backbone.stem.conv1
+        with torch.no_grad():
+            torch.testing.assert_close(conv1(grey.repeat(1, k, 1, 1)), expected)
 
 
 def test_pretrained_wrong_backbone_file(tmp_path: Path) -> None:

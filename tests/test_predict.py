@@ -319,3 +319,40 @@ def test_tcia_case_tree_skips_roi_masks_and_crops_and_warns_on_small_images(chec
     assert len(warnings) == 1 and str(small) in warnings[0]
     assert "2 of 5 images" in captured.out and "3 skipped" in captured.out
     assert set(read_outputs(out)) == {str(full), str(small)}
+
+
+class MassOnTheLeft(torch.nn.Module):
+    """Logits of a malignant mass on the left half of the model's input, background elsewhere:
+    an output that depends on position, unlike the constant checkpoints above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        logits[:, 0] = 5.0
+        logits[:, 2, :, : x.shape[3] // 2] = 10.0
+        return logits
+
+
+def test_prediction_lands_on_the_chest_wall_side_of_either_breast(inputs, tmp_path):
+    # The model sees every breast with its chest wall on the left and predicts a mass on the left
+    # half. Mapped back to original pixels, the mass covers the breast box's half on the
+    # chest-wall side: the left half for a left breast, the right half for a right one (flipped
+    # back). Worked by hand: the probabilities are interpolated linearly from 48 columns to the
+    # box's w, so the mass/background edge lies at w / 2 - 0.5 in the model's frame.
+    files = [inputs["left"], inputs["right"]]
+    config = {"size": [64, 48], "canonical_flip": True}
+    summary = predict.predict_files(files, ["left", "right"], MassOnTheLeft(), config,
+                                    tmp_path / "out", torch.device("cpu"), progress=False)
+    assert len(summary.records) == 2
+    for record in summary.records:
+        mask = cv2.imread(str(tmp_path / "out" / f"{record['name']}_mask.png"),
+                          cv2.IMREAD_UNCHANGED)
+        x0, y0, x1, y1 = record["breast_box"]
+        width = x1 - x0
+        inside = (np.arange(width) + 0.5) < width / 2  # model-frame columns left of the edge
+        if record["flipped"]:
+            inside = inside[::-1]
+        expected = np.zeros_like(mask)
+        expected[y0:y1, x0:x1][:, inside] = 2
+        assert record["flipped"] == (record["name"] == "right")
+        assert (mask != expected).sum() <= y1 - y0  # at most the edge column may differ
+        assert set(np.unique(mask)) == {0, 2}

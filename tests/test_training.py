@@ -11,16 +11,20 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 import evaluation
+import metrics
 import training
 import utils
-from dataset import MammogramDataset
-from tests.conftest import SIZE, train_args
-from utils import CheckpointError, DistInfo, StepLog, TeeStdout, load_checkpoint
+from dataset import MammogramDataset, normalize_input, unit_range
+from tests import ddp_probe
+from tests.conftest import train_args
+from utils import CheckpointError, StepLog, TeeStdout, derive_seed, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,10 +128,54 @@ def test_checkpoint_holds_everything_to_continue(trained_run):
     config = checkpoint["config"]
     assert config["backbone"] == "resnet18" and config["num_classes"] == 4
     assert config["size"] == [64, 48] and "preprocess_version" in config
-    best = load_checkpoint(trained_run / "best.pth")
     log = pd.read_csv(trained_run / "log.csv")
-    assert math.isclose(best["best_metric"], log["mean_fg_dice"].max(), abs_tol=1e-4)
+    # The selection metric: nnU-Net's EMA of the mean foreground Dice (0.9 old, 0.1 new).
+    dice, ema = log["mean_fg_dice"].to_numpy(), log["ema_fg_dice"].to_numpy()
+    assert ema[0] == dice[0]
+    np.testing.assert_allclose(ema[1:], 0.9 * ema[:-1] + 0.1 * dice[1:], atol=2e-4)
+    best = load_checkpoint(trained_run / "best.pth")
+    assert math.isclose(best["best_metric"], ema.max(), abs_tol=1e-4)
+    assert ema[best["epoch"]] == ema.max()
     assert not list(trained_run.glob("*.tmp"))
+
+
+def test_best_checkpoint_is_the_best_smoothed_validation_dice(csv_dir, trained_run, monkeypatch):
+    # Validation Dice scripted as 0.2, 0.9, 0.5, 0.5, 0.0. By hand, the EMA (0.9 old, 0.1 new)
+    # is 0.2, 0.27, 0.293, 0.3137, 0.28233: best.pth is epoch 4, not the raw best (2) nor the
+    # last (5). A fake clock: each epoch trains for 2 s and validates for 1000 s.
+    scripted = iter([0.2, 0.9, 0.5, 0.5, 0.0])
+    clock = [0.0]
+
+    def fake_train(model, loader, optimizer, scheduler, *args):
+        for _ in range(len(loader)):  # the optimizer steps, without data or gradients
+            optimizer.step()
+            scheduler.step()
+        clock[0] += 2.0
+        return 1.0
+
+    def fake_validate(*args):
+        clock[0] += 1000.0
+        value = next(scripted)
+        return {"val_loss": 1.0, "dice": np.array([1.0, value, value, value]),
+                "mean_fg_dice": value}
+
+    monkeypatch.setattr(training, "train_one_epoch", fake_train)
+    monkeypatch.setattr(training, "evaluate", fake_validate)
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    run = trained_run.parent.parent / "scripted"  # shares the trained run's cache
+    run_training(train_args(csv_dir, run, "--epochs", "5", "--decoder-channels", "16"))
+
+    log = pd.read_csv(run / "checkpoint" / "log.csv")
+    np.testing.assert_allclose(log["ema_fg_dice"], [0.2, 0.27, 0.293, 0.3137, 0.2823], atol=1e-4)
+    assert load_checkpoint(run / "checkpoint" / "best.pth")["epoch"] + 1 == 4
+    # Speed counts training time only; the logged lr is the one of each epoch's last step
+    # (step e S - 1 in epoch e, S steps an epoch): the peak 1e-3 at the end of the one warm-up
+    # epoch, then 1e-3 (0.1 + 0.9 (1 + cos(pi (step - S) / (4 S))) / 2) with the floor of 0.1.
+    steps = pd.read_csv(csv_dir / "train.csv")["img_path"].nunique() // 4
+    assert (log["seconds"] == 1002.0).all() and (log["train_images_per_s"] == steps * 4 / 2).all()
+    last_step = np.arange(2, 6) * steps - 1
+    expected_lr = 1e-3 * (0.1 + 0.45 * (1 + np.cos(np.pi * (last_step - steps) / (4 * steps))))
+    np.testing.assert_allclose(log["lr"], [1e-3, *expected_lr], rtol=1e-9)
 
 
 def test_killed_run_resumes_to_the_same_state(csv_dir, tmp_path, monkeypatch):
@@ -213,7 +261,9 @@ def test_test_script_writes_every_metric_in_range(trained_run, csv_dir, tmp_path
     assert all(0 <= v <= 1 for v in froc["value"])
     assert froc["value"] == sorted(froc["value"])  # sensitivity grows with allowed FPs
     auc = results["malignancy"]["auc"]
-    assert 0 <= auc["value"] <= 1 and auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
+    assert 0 <= auc["value"] <= 1 and 0 <= auc["ci95"][0] <= auc["ci95"][1] <= 1
+    assert 0 < auc["valid_resamples"] <= 50  # resamples with both classes define an AUC
+    assert detection["min_area"] == 16 and len(froc["valid_resamples"]) == 6
     per_image = pd.read_csv(out / "per_image.csv")
     assert len(per_image) == results["n_images"]
     for name in ("froc.png", "roc.png", "confusion_matrix.png", "training_curves.png"):
@@ -240,31 +290,146 @@ def test_test_script_clear_error_for_a_missing_checkpoint(tmp_path, capsys):
     assert "no checkpoint 'nope.pth'" in capsys.readouterr().err
 
 
-def test_two_process_ddp_run_matches_single_process_structure(csv_dir, trained_run, tmp_path):
-    """torchrun with 2 CPU processes (gloo): training, validation and checkpoint complete."""
-    run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29533", str(REPO / "Train_deep_labv3+.py"),
-               *train_args(csv_dir, run, "--epochs", "1", "--batch-size", "2")]
+@pytest.fixture(scope="module")
+def ddp_run(csv_dir, tmp_path_factory) -> Path:
+    """torchrun with 2 CPU processes (gloo; --standalone picks a free port), 2 epochs, through
+    tests/ddp_probe.py (what each rank read, and a pooled soft Dice on each rank)."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(REPO / "tests" / "ddp_probe.py"), str(out),
+               *train_args(csv_dir, out / "run", "--epochs", "2", "--batch-size", "2")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    ddp = load_checkpoint(run / "checkpoint" / "last.pth")
+    return out
+
+
+def test_ddp_run_writes_what_a_single_process_run_does(ddp_run, trained_run):
+    ddp = load_checkpoint(ddp_run / "run" / "checkpoint" / "last.pth")
     single = load_checkpoint(trained_run / "last.pth")
     assert set(ddp) == set(single)
     assert {k: v.shape for k, v in ddp["model"].items()} == {
         k: v.shape for k, v in single["model"].items()}
-    log = pd.read_csv(run / "checkpoint" / "log.csv")
-    assert len(log) == 1 and 0 <= log["mean_fg_dice"].iloc[0] <= 1
-    # Both ranks validated the model rank 0 saved (its BatchNorm statistics, not their own).
-    args, _ = training.parse_args(command[8:])  # the training flags
-    net, _ = evaluation.load_trained_model(run / "checkpoint" / "last.pth", torch.device("cpu"))
-    val_set = MammogramDataset.from_csv(csv_dir / "val.csv", args.cache_dir, SIZE)
-    loss, count = 0.0, 0
-    for rank in (0, 1):  # each rank's share in its batches: the Dice term is per batch
-        loader, share = training.make_loader(val_set, args, DistInfo(rank, 2), False,
-                                             torch.device("cpu"))
-        val = training.evaluate(net, loader, torch.device("cpu"), args, DistInfo())
-        loss, count = loss + val["val_loss"] * len(share), count + len(share)
-    assert math.isclose(loss / count, log["val_loss"].iloc[0], abs_tol=2e-5)
+    assert pd.read_csv(ddp_run / "run" / "checkpoint" / "log.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_ddp_ranks_train_on_their_own_shares_in_a_new_order_each_epoch(ddp_run, csv_dir):
+    reads = [json.loads((ddp_run / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    n_train = pd.read_csv(csv_dir / "train.csv")["img_path"].nunique()
+    for epoch in (0, 1):
+        rank0, rank1 = reads[0][epoch], reads[1][epoch]
+        # ceil(n / 2) images per rank (an odd set padded), in whole batches of 2
+        assert len(rank0) == len(rank1) == math.ceil(n_train / 2) // 2 * 2
+        # Disjoint shares (DistributedSampler pads an odd set with one repeated image).
+        assert len(set(rank0) & set(rank1)) <= n_train % 2
+    assert reads[0][0] != reads[0][1] and reads[1][0] != reads[1][1]  # set_epoch: new order
+
+
+def test_ddp_validation_figures_are_the_whole_validation_sets(ddp_run, csv_dir):
+    # Each rank validates every other image (in batches of 2): the figures recorded must pool
+    # both halves, computed with the saved model's BatchNorm statistics on every rank. Reference:
+    # the saved model in one process. Background Dice is always defined and differs between the
+    # halves (~1e-3 here); the loss also moves (~3e-4) when a rank keeps its own statistics.
+    checkpoint_path = ddp_run / "run" / "checkpoint" / "last.pth"
+    model, config = evaluation.load_trained_model(checkpoint_path, torch.device("cpu"))
+    val = MammogramDataset.from_csv(csv_dir / "val.csv", ddp_run / "cache", tuple(config["size"]))
+    stats, loss_sum = [], 0.0
+    with torch.no_grad():
+        for rank in (0, 1):
+            share = list(range(rank, len(val), 2))
+            for start in range(0, len(share), 2):
+                images, masks, _ = default_collate([val[i] for i in share[start:start + 2]])
+                logits = model(normalize_input(unit_range(images)))
+                loss_sum += training.segmentation_loss(logits, masks).item() * len(images)
+                stats += [metrics.segmentation_stats(pred.numpy(), mask.numpy(), 4)
+                          for pred, mask in zip(logits.argmax(1), masks, strict=True)]
+    expected = metrics.dice_iou(np.stack(stats))["dice_pooled"]
+    np.testing.assert_allclose(load_checkpoint(checkpoint_path)["val_dice"], expected, atol=2e-5)
+    log = pd.read_csv(ddp_run / "run" / "checkpoint" / "log.csv")
+    np.testing.assert_allclose(log[["dice_benign", "dice_mass", "dice_calc"]].iloc[-1],
+                               expected[1:], atol=1e-4)
+    assert log["val_loss"].iloc[-1] == pytest.approx(loss_sum / len(val), abs=2e-5)
+
+
+def test_ddp_soft_dice_pools_both_ranks_batches(ddp_run):
+    # Each rank holds half the batch; benign is only in rank 0's half, calc only in rank 1's.
+    logits, target = ddp_probe.dice_batch()
+    logits.requires_grad_()
+    whole = training.soft_dice_loss(logits, target)
+    whole.backward()
+    for rank in (0, 1):
+        result = torch.load(ddp_run / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(result["loss"], whole.detach())  # the whole batch's Dice
+        # Each rank's gradient is world size (2) times its share of the whole batch's gradient,
+        # which DDP's average over ranks turns into the whole batch's gradient.
+        torch.testing.assert_close(result["grad"] / 2, logits.grad[2 * rank:2 * rank + 2])
+
+
+# ----------------------------------------------------------------------------- loss, optimizer
+
+
+def test_loss_is_cross_entropy_plus_soft_dice_by_hand():
+    # Uniform logits over 4 classes on a 2x2 image with one benign pixel. Cross-entropy: ln 4.
+    # Soft Dice (eps 1), every probability 1/4: benign (2 * 1/4 + 1) / (4 * 1/4 + 1 + 1) = 1/2;
+    # mass and calc (0 + 1) / (4 * 1/4 + 0 + 1) = 1/2. Loss ln 4 + (1 - 1/2).
+    logits = torch.zeros(1, 4, 2, 2)
+    target = torch.tensor([[[1, 0], [0, 0]]])
+    assert training.segmentation_loss(logits, target).item() == pytest.approx(math.log(4) + 0.5)
+    assert training.segmentation_loss(logits, target, dice_weight=2).item() == pytest.approx(
+        math.log(4) + 1.0)
+
+
+def test_weight_decay_spares_batchnorm_and_biases():
+    # With zero gradients an AdamW step only decays: a decayed weight shrinks by lr * decay.
+    args, _ = training.parse_args(["--backbone", "resnet18", "--decoder-channels", "16",
+                                   "--lr", "0.1", "--weight-decay", "0.5"])
+    model, optimizer, _, _ = training.build_training_state(args, torch.device("cpu"), None, 1, 10)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            old = before[f"{module_name}.{name}"]
+            if isinstance(module, torch.nn.BatchNorm2d) or name == "bias":
+                assert torch.equal(p, old), f"{module_name}.{name} decayed"
+            else:
+                torch.testing.assert_close(p, old * (1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize(("max_norm", "expected_step"), [(1.0, [0.6, 0.8]), (0.0, [3.0, 4.0])])
+def test_gradient_clipping_sees_the_unscaled_gradient(max_norm, expected_step):
+    # loss = w . (3, 4): gradient (3, 4), norm 5, scaled by 1024 for the backward pass. Clipped
+    # to norm 1 after un-scaling it is (0.6, 0.8); clipped before, it would be ~1e-3 after; an
+    # SGD step of lr 1 moves the weights by it. max_norm 0: no clipping.
+    weights = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weights], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(weights @ torch.tensor([3.0, 4.0])).backward()
+    training.clip_gradients(torch.nn.ParameterList([weights]), optimizer, scaler, max_norm)
+    scaler.step(optimizer)
+    torch.testing.assert_close(-weights.detach(), torch.tensor(expected_step))
+
+
+def test_cosine_schedule_ends_on_its_floor():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = training.warmup_cosine(optimizer, warmup_steps=2, total_steps=10, min_ratio=0.1)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warm-up 1/2, 1; cosine from 1 (step 2) to 0.1 (step 10): halfway (step 6) 0.55; then 0.1
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[6] == pytest.approx(0.55) and lrs[10:] == pytest.approx([0.1, 0.1])
+    assert training.last_step_lr(scheduler) == pytest.approx(0.1)
+
+
+def test_epoch_seeds_of_different_runs_do_not_coincide():
+    # seed + epoch gave run s's epoch e + 1 the stream of run s + 1's epoch e.
+    streams = [(tag, seed, epoch, rank) for tag in (training.TORCH_SEED, training.AUGMENT_SEED)
+               for seed in range(8) for epoch in range(8) for rank in range(3)]
+    seeds = {derive_seed(*stream) for stream in streams}
+    assert len(seeds) == len(streams)
+    assert all(0 <= seed < 2**62 for seed in seeds)
