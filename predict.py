@@ -14,8 +14,8 @@ Per image, into --out:
                       (one segment per class found; see dicom_seg.py)
 
 Files whose DICOM header calls them ROI masks or cropped images (a TCIA case tree holds both
-beside the mammograms), and images that look like masks, are skipped with a message; images too
-small to be mammograms are predicted with a warning.
+beside the mammograms) and, where no SeriesDescription says what a file is, images that look like
+masks are skipped with a message; images too small to be mammograms are predicted with a warning.
 
 The model sees the breast crop as it was trained (resized to its training size, or at its cache
 scale through a sliding window: see inference.py); its probabilities are mapped back through
