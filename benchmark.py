@@ -23,8 +23,6 @@ import json
 import math
 import os
 import platform
-import resource
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -55,7 +53,14 @@ from main_retrieval import retrieve
 from model import SUPPORTED_BACKBONES, build_model
 from predict import load_image
 from synthetic import make_synthetic_dataset
-from utils import DistInfo, HelpFormatter, add_device_flags, resolve_device, seed_everything
+from utils import (
+    DistInfo,
+    HelpFormatter,
+    add_device_flags,
+    peak_memory_mb,
+    resolve_device,
+    seed_everything,
+)
 
 # (full mode, --quick); a flag given on the command line wins over both.
 MODE_DEFAULTS = {
@@ -80,12 +85,6 @@ READ_ITEMS = 256  # cache reads timed per run: a few hundred keep the clock's no
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (ru_maxrss is KB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def device_name(device: torch.device) -> str:
@@ -275,12 +274,12 @@ def model_step_worker(recipe: str, images: torch.Tensor, masks: torch.Tensor,
     device = torch.device(settings["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    baseline = peak_rss_mb()
+    baseline = peak_memory_mb(torch.device("cpu"))
     rate = (_seed_rate if recipe == "seed" else _our_rate)(images, masks, settings, device)
     if device.type == "cuda":
         memory, kind = torch.cuda.max_memory_allocated(device) / 2**20, "peak CUDA allocated"
     else:
-        memory, kind = peak_rss_mb() - baseline, "peak RSS growth"
+        memory, kind = peak_memory_mb(torch.device("cpu")) - baseline, "peak RSS growth"
     return {"images_per_s": rate, "peak_memory_mb": memory, "memory_measure": kind}
 
 
@@ -338,7 +337,7 @@ def sliding_window_worker(image_path: Path, settings: dict) -> dict:
                       decoder_channels=config["decoder_channels"]).to(device).eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    baseline = peak_rss_mb()
+    baseline = peak_memory_mb(torch.device("cpu"))
     start = time.perf_counter()
     probs, meta = predict_image(net, load_image(image_path), device, config, settings["amp"],
                                 settings["batch_size"])
@@ -351,7 +350,7 @@ def sliding_window_worker(image_path: Path, settings: dict) -> dict:
     if device.type == "cuda":
         memory, kind = torch.cuda.max_memory_allocated(device) / 2**20, "peak CUDA allocated"
     else:
-        memory, kind = peak_rss_mb() - baseline, "peak RSS growth"
+        memory, kind = peak_memory_mb(torch.device("cpu")) - baseline, "peak RSS growth"
     return {"seconds": seconds, "peak_memory_mb": memory, "memory_measure": kind,
             "windows": windows, "crop_at_scale": meta["size"], "original": list(mask.shape)}
 

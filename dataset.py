@@ -119,21 +119,43 @@ def group_mammograms(rows: pd.DataFrame) -> list[Mammogram]:
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def read_dicom_pixels(path: Path, label_map: bool = False) -> np.ndarray:
-    """Pixel data of a DICOM file, bright = dense; errors name the file.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # decoded with OpenCV; any other file is DICOM
+
+
+def read_pixels(path: Path, label_map: bool = False) -> np.ndarray:
+    """The 2-D pixels of a DICOM, PNG or JPEG file (8 or 16 bit; colour turned grey), bright =
+    dense; errors name the file. Every later step windows 8-bit input like 16-bit.
 
     label_map: a mask, whose values are labels, not intensities: never inverted.
     """
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
-    except FileNotFoundError as error:
+    if not path.is_file():
         raise DatasetError(f"no file {path}: if the data folder moved, pass --data-root with "
-                           "its new place") from error
-    except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged file
-        raise DatasetError(f"cannot read DICOM {path}: {error}") from error
-    if not label_map and ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        pixels = pixels.max() - pixels
+                           "its new place")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        level = cv2.getLogLevel()
+        cv2.setLogLevel(0)  # the reason goes into our one-line error, not OpenCV's log lines
+        try:
+            data = np.fromfile(path, np.uint8)
+            pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        except (OSError, cv2.error) as error:
+            raise DatasetError(f"cannot read image {path}: {error}") from error
+        finally:
+            cv2.setLogLevel(level)
+        if pixels is None:
+            raise DatasetError(f"cannot read image {path}: not a PNG or JPEG image, or damaged")
+        if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY if pixels.shape[2] == 3
+                                  else cv2.COLOR_BGRA2GRAY)
+    else:
+        try:
+            ds = pydicom.dcmread(path)
+            pixels = ds.pixel_array
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged file
+            raise DatasetError(f"cannot read DICOM {path}: {error}") from error
+        if not label_map and ds.get("PhotometricInterpretation") == "MONOCHROME1":
+            pixels = pixels.max() - pixels
+    if pixels.ndim != 2:
+        raise DatasetError(f"{path} is not a single grayscale image (pixels {pixels.shape})")
     return pixels
 
 
@@ -142,7 +164,9 @@ def read_roi_masks(mammogram: Mammogram, data_root: Path,
     """Each ROI as a boolean mask of `shape`; masks of another size are resized (nearest)."""
     masks, resized = [], 0
     for roi_path in mammogram.roi_paths:
-        roi = read_dicom_pixels(data_root / roi_path, label_map=True) > 0
+        roi = read_pixels(data_root / roi_path, label_map=True)
+        # Half the brightest level (> 127 for 0/255): JPEG blurs a mask's edges into grey levels.
+        roi = roi > roi.max() / 2
         if roi.shape != shape:
             resized += 1
             roi = cv2.resize(roi.astype(np.uint8), shape[::-1],
@@ -250,7 +274,7 @@ def foreground_points(mask: np.ndarray, rng: np.random.Generator,
 def preprocess(mammogram: Mammogram, data_root: Path, resolution: Resolution,
                canonical_flip: bool = True) -> Preprocessed:
     """A mammogram and its merged mask, ready for the model (see prepare_image)."""
-    image = read_dicom_pixels(data_root / mammogram.img_path)
+    image = read_pixels(data_root / mammogram.img_path)
     masks, resized = read_roi_masks(mammogram, data_root, image.shape)
     image, meta = prepare_image(image, resolution, canonical_flip)
     mask = apply_geometry(merge_masks(masks, mammogram.class_ids), meta)

@@ -1,8 +1,10 @@
-"""Turn a CBIS-DDSM download (TCIA / NBIA folder layout) into csv/{train,val,test}.csv.
+"""Turn a CBIS-DDSM download into csv/{train,val,test}.csv.
 
-One pass over the tree reads DICOM headers only (no pixel decode unless a file has no
-SeriesDescription), pairs every abnormality of the four TCIA description CSVs with its full
-mammogram and ROI mask, splits the official training set by patient into train/val, and writes
+Two layouts are recognised by themselves: the TCIA / NBIA DICOM tree, and the Kaggle JPEG copy
+(a folder holding csv/dicom_info.csv and jpeg/<SeriesInstanceUID>/). One pass reads headers only
+(DICOM headers, or dicom_info.csv's rows), pairs every abnormality of the four TCIA description
+CSVs with its full mammogram and ROI mask (a file whose header does not say what it is: by its
+size, else its pixels), splits the official training set by patient into train/val, and writes
 the CSVs, a sidecar JSON (data root, schema version) and a report of everything skipped.
 
     python main_retrieval.py --data-root /data/CBIS-DDSM --out-dir csv
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +52,7 @@ DESCRIPTION_FILES = {
 DESCRIPTION_COLUMNS = [
     "patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
     "abnormality type", "assessment", "pathology", "subtlety", "image file path",
-    "ROI mask file path",
+    "cropped image file path", "ROI mask file path",
 ]  # fmt: skip
 FOLDER_RE = re.compile(
     r"^(?P<collection>(?:Mass|Calc)-(?:Training|Test))_(?P<patient>P_\d+)"
@@ -60,6 +63,9 @@ HEADER_TAGS = ["SeriesDescription", "Rows", "Columns", "BitsAllocated", "Samples
                "NumberOfFrames", "PixelData"]
 PIXEL_DATA = 0x7FE00010
 DUPLICATE = "duplicate row in the description CSVs"
+KAGGLE_INFO = Path("csv") / "dicom_info.csv"  # with jpeg/: the Kaggle copy's root
+KAGGLE_INFO_COLUMNS = ["image_path", "SeriesDescription", "Rows", "Columns"]
+KAGGLE_SUFFIX = ".jpg"  # every image of the copy
 
 
 class RetrievalError(Exception):
@@ -82,10 +88,11 @@ def sposso_label(abnormality_type: str, pathology: str) -> int:
 
 
 def find_metadata_dir(data_root: Path, metadata_dir: Path | None) -> Path:
-    """--metadata-dir if given, else the data root when it holds the four CSVs, else our copy."""
+    """--metadata-dir if given, else the data root (or its csv/, as in the Kaggle copy) when it
+    holds the four CSVs, else our copy."""
     if metadata_dir is not None:
         return metadata_dir
-    for candidate in (data_root, data_root.parent):
+    for candidate in (data_root, data_root / "csv", data_root.parent):
         if all((candidate / name).is_file() for name in DESCRIPTION_FILES.values()):
             return candidate
     return BUNDLED_METADATA
@@ -120,11 +127,11 @@ def load_descriptions(metadata_dir: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-# ----------------------------------------------------------------------------- the DICOM tree
+# ----------------------------------------------------------------------------- the image tree
 
 
 @dataclass
-class DicomInfo:
+class ImageInfo:
     path: Path
     kind: str | None  # "full", "crop", "mask" or None when the header does not say
     rows: int
@@ -132,16 +139,43 @@ class DicomInfo:
     problem: str | None = None  # why its pixel data cannot be whole (truncated, none)
 
 
-def find_series_root(data_root: Path) -> Path:
-    """The folder whose children are the CBIS-DDSM series folders (root or root/CBIS-DDSM)."""
+@dataclass
+class Tree:
+    """A download's image files, grouped by the folder a description-CSV path names."""
+
+    layout: str  # "tcia" or "kaggle"
+    folders: dict[str, list[Path]]
+    component: int  # the part of a description-CSV path that names the folder
+    read: Callable[[Path], ImageInfo | None]  # header facts, or None when unreadable
+
+    def infos(self, csv_paths: list[str]) -> list[ImageInfo] | None:
+        """The readable files of the folders these paths name; None when none of them exists."""
+        names = dict.fromkeys(path.split("/")[self.component] for path in csv_paths)
+        found = [self.folders[name] for name in names if name in self.folders]
+        if not found:
+            return None
+        return [info for files in found for info in map(self.read, files) if info is not None]
+
+
+def open_tree(data_root: Path) -> Tree:
+    """The Kaggle JPEG copy if data_root holds csv/dicom_info.csv and jpeg/, else the TCIA tree."""
     if not data_root.is_dir():
         raise RetrievalError(f"--data-root {data_root} is not a folder")
+    if (data_root / KAGGLE_INFO).is_file() and (data_root / "jpeg").is_dir():
+        return kaggle_tree(data_root)
+    # TCIA: a case folder per series group; the description CSV's first path part names it.
+    return Tree("tcia", scan_tree(find_series_root(data_root)), 0, read_info)
+
+
+def find_series_root(data_root: Path) -> Path:
+    """The folder whose children are the CBIS-DDSM series folders (root or root/CBIS-DDSM)."""
     for candidate in (data_root, data_root / "CBIS-DDSM"):
         if candidate.is_dir() and any(FOLDER_RE.match(e.name) for e in os.scandir(candidate)):
             return candidate
     raise RetrievalError(
         f"no CBIS-DDSM folders (like Mass-Training_P_00001_LEFT_CC) in {data_root} or "
-        f"{data_root / 'CBIS-DDSM'}: point --data-root at the TCIA download"
+        f"{data_root / 'CBIS-DDSM'}, and no {KAGGLE_INFO} with a jpeg/ folder beside it: point "
+        "--data-root at the TCIA download or at the Kaggle copy's folder"
     )
 
 
@@ -165,12 +199,12 @@ def kind_from_description(description: str) -> str | None:
     return None
 
 
-def read_info(path: Path) -> DicomInfo | None:
+def read_info(path: Path) -> ImageInfo | None:
     """Header facts needed for pairing, or None when the file is not readable DICOM."""
     try:
         # Pixel data over 1 KB is deferred: its length and offset are read, not its bytes.
         header = pydicom.dcmread(path, defer_size=1024, specific_tags=HEADER_TAGS)
-        return DicomInfo(
+        return ImageInfo(
             path,
             kind_from_description(str(header.get("SeriesDescription", ""))),
             int(header.Rows),
@@ -203,40 +237,109 @@ def pixel_data_problem(path: Path, header: pydicom.Dataset) -> str | None:
     return None
 
 
-def kind_from_content(path: Path) -> str | None:
-    """A mask holds two values (0 and one foreground level); a crop holds a grey-level image."""
+def read_dicom_info(path: Path) -> dict[str, tuple[str | None, int, int]]:
+    """dicom_info.csv as 'jpeg/<uid>/<file>' -> (kind, rows, columns); rows without a size are
+    left out (their JPEG is measured instead). Rows with an empty SeriesDescription are kept."""
     try:
-        pixels = pydicom.dcmread(path).pixel_array
-    except Exception:  # noqa: BLE001
+        info = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise RetrievalError(f"cannot parse {path}: {error}") from error
+    missing = [c for c in KAGGLE_INFO_COLUMNS if c not in info.columns]
+    if missing:
+        raise RetrievalError(f"{path} is not the Kaggle copy's dicom_info.csv (no column "
+                             f"{missing[0]!r}): use the file that came with the JPEGs")
+    facts = {}
+    for image_path, description, rows, columns in info[KAGGLE_INFO_COLUMNS].itertuples(
+            index=False):
+        if rows.isdigit() and columns.isdigit():
+            # image_path is CBIS-DDSM/jpeg/<uid>/<file>: its last three parts lie below the root.
+            key = "/".join(image_path.strip().split("/")[-3:])
+            facts[key] = (kind_from_description(description), int(rows), int(columns))
+    return facts
+
+
+def kaggle_tree(data_root: Path) -> Tree:
+    """The Kaggle copy: jpeg/<SeriesInstanceUID>/<n>-<m>.jpg, which dicom_info.csv describes.
+
+    The description CSVs' paths keep the TCIA form <case>/<study uid>/<series uid>/0000x.dcm;
+    their third part names the JPEG folder.
+    """
+    facts = read_dicom_info(data_root / KAGGLE_INFO)
+    folders = {}
+    for entry in os.scandir(data_root / "jpeg"):
+        if entry.is_dir():
+            folders[entry.name] = sorted(p for p in Path(entry.path).iterdir()
+                                         if p.suffix.lower() == KAGGLE_SUFFIX)
+
+    def read(path: Path) -> ImageInfo | None:
+        known = facts.get("/".join(path.parts[-3:]))
+        return ImageInfo(path, *known) if known else info_from_pixels(path)
+
+    return Tree("kaggle", folders, 2, read)
+
+
+def _read_pixels(path: Path) -> np.ndarray | None:
+    # dataset.py imports this module: import its reader here, not at the top.
+    from dataset import DatasetError, read_pixels
+
+    try:
+        return read_pixels(path, label_map=True)
+    except DatasetError:
         return None
-    return "mask" if np.unique(pixels).size <= 2 else "crop"
 
 
-def find_roi_files(infos: list[DicomInfo]) -> tuple[DicomInfo | None, DicomInfo | None, int]:
-    """(crop, mask, files typed by content) of one abnormality folder, never by file name."""
-    by_content = 0
+def info_from_pixels(path: Path) -> ImageInfo | None:
+    """The size of an image no header describes (decoded), or None when unreadable."""
+    pixels = _read_pixels(path)
+    return None if pixels is None else ImageInfo(path, None, *pixels.shape)
+
+
+def looks_like_mask(pixels: np.ndarray) -> bool:
+    """Nearly every pixel at the darkest or the brightest level (JPEG turns a mask's 0 and 255
+    into a dozen grey levels near its edges); a crop or a mammogram spreads over many levels."""
+    low, high = float(pixels.min()), float(pixels.max())
+    band = 0.1 * (high - low)
+    return bool(((pixels <= low + band) | (pixels >= high - band)).mean() >= 0.9)
+
+
+def kind_from_size_or_content(info: ImageInfo, full: ImageInfo) -> str | None:
+    """A file whose header does not say: its mammogram's size means a mask (a crop is the
+    lesion's box), else its grey levels decide."""
+    if (info.rows, info.columns) == (full.rows, full.columns):
+        return "mask"
+    pixels = _read_pixels(info.path)
+    if pixels is None:
+        return None
+    return "mask" if looks_like_mask(pixels) else "crop"
+
+
+def find_roi_files(infos: list[ImageInfo],
+                   full: ImageInfo) -> tuple[ImageInfo | None, ImageInfo | None, int]:
+    """(crop, mask, files typed without a description) of one abnormality, never by file name."""
+    untyped = 0
     for info in infos:
         if info.kind not in ("crop", "mask"):
-            info.kind = kind_from_content(info.path)
-            by_content += 1
+            info.kind = kind_from_size_or_content(info, full)
+            untyped += 1
     masks = [i for i in infos if i.kind == "mask"]
     crops = [i for i in infos if i.kind == "crop"]
     # Two files both typed "mask" (e.g. a binary-looking crop): the mask is the larger one.
     masks.sort(key=lambda i: i.rows * i.columns, reverse=True)
-    return (crops[0] if crops else None), (masks[0] if masks else None), by_content
+    return (crops[0] if crops else None), (masks[0] if masks else None), untyped
 
 
 # ----------------------------------------------------------------------------- pairing
 
 
 def pair_abnormalities(
-    descriptions: pd.DataFrame, folders: dict[str, list[Path]], data_root: Path
+    descriptions: pd.DataFrame, tree: Tree, data_root: Path
 ) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
-    """One row per usable abnormality, plus the skipped ones and the size mismatches."""
+    """One row per usable abnormality, the skipped ones, the size mismatches and the number of
+    ROI files typed without a description."""
     rows, skipped, mismatched = [], [], []
-    typed_by_content = 0
+    untyped = 0
     seen = set()
-    full_cache: dict[str, DicomInfo | None] = {}
+    full_cache: dict[str, ImageInfo | None] = {}
 
     def relative(path: Path) -> str:
         return path.relative_to(data_root).as_posix()
@@ -253,7 +356,8 @@ def pair_abnormalities(
             skipped.append({**where, "reason": f"unknown pathology {fields['pathology']!r}"})
             continue
         if image_folder not in full_cache:
-            full_cache[image_folder] = find_full_image(folders.get(image_folder, []))
+            full_cache[image_folder] = find_full_image(
+                tree.infos([fields["image file path"]]) or [])
         full = full_cache[image_folder]
         if full is None:
             skipped.append({**where, "reason": "missing or unreadable full mammogram"})
@@ -262,12 +366,12 @@ def pair_abnormalities(
             skipped.append({**where, "reason": "damaged full mammogram (truncated or no pixels)",
                             "file": relative(full.path), "problem": full.problem})
             continue
-        if roi_folder not in folders:
+        infos = tree.infos([fields["cropped image file path"], fields["ROI mask file path"]])
+        if infos is None:
             skipped.append({**where, "reason": "missing ROI folder"})
             continue
-        infos = [read_info(path) for path in folders[roi_folder]]
-        crop, mask, by_content = find_roi_files([i for i in infos if i is not None])
-        typed_by_content += by_content
+        crop, mask, typed = find_roi_files(infos, full)
+        untyped += typed
         if mask is None:
             skipped.append({**where, "reason": "missing or unreadable ROI mask"})
             continue
@@ -300,11 +404,10 @@ def pair_abnormalities(
             "crop_path": relative(crop.path) if crop else "",
         })  # fmt: skip
     columns = ["image_folder", "roi_folder", *CSV_COLUMNS]
-    return pd.DataFrame(rows, columns=columns), skipped, mismatched, typed_by_content
+    return pd.DataFrame(rows, columns=columns), skipped, mismatched, untyped
 
 
-def find_full_image(files: list[Path]) -> DicomInfo | None:
-    infos = [info for info in map(read_info, files) if info is not None]
+def find_full_image(infos: list[ImageInfo]) -> ImageInfo | None:
     full = [i for i in infos if i.kind == "full"]
     if full:
         return full[0]
@@ -376,19 +479,18 @@ def retrieve(data_root: Path, metadata_dir: Path | None = None, val_fraction: fl
     """All usable abnormalities with their split, and the report. No files are written."""
     start = time.perf_counter()
     data_root = data_root.resolve()
-    series_root = find_series_root(data_root)
+    tree = open_tree(data_root)
     metadata_dir = find_metadata_dir(data_root, metadata_dir)
     descriptions = load_descriptions(metadata_dir)
-    folders = scan_tree(series_root)
-    rows, skipped, mismatched, typed_by_content = pair_abnormalities(
-        descriptions, folders, data_root)
+    rows, skipped, mismatched, untyped = pair_abnormalities(descriptions, tree, data_root)
     rows = drop_incomplete_mammograms(rows, skipped)
     rows = split_by_patient(rows, val_fraction, seed)
     report = {
         "schema_version": SCHEMA_VERSION,
         "data_root": str(data_root),
+        "layout": tree.layout,
         "metadata_dir": str(metadata_dir.resolve()),
-        "series_folders_found": len(folders),
+        "series_folders_found": len(tree.folders),
         "abnormalities_described": len(descriptions),
         "abnormalities_kept": len(rows),
         "mammograms_kept": int(rows["img_path"].nunique()),
@@ -397,7 +499,7 @@ def retrieve(data_root: Path, metadata_dir: Path | None = None, val_fraction: fl
         "skipped": skipped,
         "mask_size_mismatch": mismatched,
         "views_in_both_collections": views_in_both_collections(rows),
-        "files_typed_by_content": typed_by_content,
+        "roi_files_typed_without_description": untyped,
         "val_fraction": val_fraction,
         "seed": seed,
         "seconds": round(time.perf_counter() - start, 2),
@@ -465,10 +567,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, required=True,
-                        help="the download folder: holds CBIS-DDSM/ or the series folders")
+                        help="the download folder: holds CBIS-DDSM/ or the series folders (TCIA), "
+                             "or csv/dicom_info.csv and jpeg/ (the Kaggle JPEG copy)")
     parser.add_argument("--metadata-dir", type=Path, default=None,
                         help="folder with the four TCIA description CSVs (default: the data root "
-                             "if it has them, else the copies in metadata/)")
+                             "or its csv/ folder if it has them, else the copies in metadata/)")
     parser.add_argument("--out-dir", type=Path, default=Path("csv"),
                         help="where train/val/test.csv, dataset.json and the report go "
                              "(default: csv)")

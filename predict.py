@@ -1,4 +1,4 @@
-"""Segment new mammograms with a trained checkpoint: DICOM or PNG files, or folders of them.
+"""Segment new mammograms with a trained checkpoint: DICOM, PNG or JPEG files, or folders of them.
 
     python predict.py --checkpoint checkpoint/best.pth scans/ extra.png --out predictions
 
@@ -10,6 +10,12 @@ Per image, into --out:
                       model's resolution) and lesions: class, class_id, score (max abnormality
                       probability), bbox [x0, y0, x1, y1] (end-exclusive, original pixels),
                       area, centroid [x, y]
+  <name>_seg.dcm      DICOM inputs where a lesion is found: the mask as a DICOM Segmentation
+                      (one segment per class found; see dicom_seg.py)
+
+Files whose DICOM header calls them ROI masks or cropped images (a TCIA case tree holds both
+beside the mammograms) and, where no SeriesDescription says what a file is, images that look like
+masks are skipped with a message; images too small to be mammograms are predicted with a warning.
 
 The model sees the breast crop as it was trained (resized to its training size, or at its cache
 scale through a sliding window: see inference.py); its probabilities are mapped back through
@@ -31,18 +37,22 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from dataset import (
+    IMAGE_SUFFIXES,
     DatasetError,
     prepare_image,
-    read_dicom_pixels,
+    read_pixels,
     scale_intensities,
 )
+from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
 from evaluation import image_folder_name, load_trained_model, resolve_checkpoint
 from inference import predict_at_original, predict_probabilities, resolution_of
+from main_retrieval import kind_from_description, looks_like_mask
 from metrics import CLASS_NAMES, MIN_LESION_AREA, drop_small_lesions
 from report import CLASS_COLOURS, overlay_panel
 from utils import (
@@ -50,43 +60,36 @@ from utils import (
     HelpFormatter,
     add_device_flags,
     atomic_write_all,
+    positive_int,
     resolve_device,
 )
 
-IMAGE_SUFFIXES = (".dcm", ".png")
+INPUT_SUFFIXES = (".dcm", *IMAGE_SUFFIXES)  # searched for in folders, with other DICOM files
 OVERLAY_HEIGHT = 1024
+MIN_MAMMOGRAM_SIDE = 1000  # px, longer side; CBIS-DDSM's are ~5300x3000, lesion crops ~100-600
 MALIGNANT_CLASSES = slice(2, 4)  # mass, calc
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Segment mammograms (DICOM or 8/16-bit PNG files, or folders searched "
-                    "recursively for *.dcm and *.png) with a trained DeepLabV3+ checkpoint; "
-                    "writes <name>_mask.png, <name>_overlay.png and <name>.json per image. "
+        description="Segment mammograms (DICOM, 8/16-bit PNG or JPEG files, or folders searched "
+                    "recursively for *.dcm, *.png, *.jpg and other DICOM files) with a "
+                    "trained DeepLabV3+ checkpoint; writes <name>_mask.png, <name>_overlay.png "
+                    "and <name>.json per image, and <name>_seg.dcm (DICOM SEG) per DICOM. "
                     "Exit code 0 if any image was processed, 1 if none, 2 on a usage error.",
         formatter_class=HelpFormatter)
     add = parser.add_argument
     add("inputs", nargs="+", type=Path, metavar="INPUT",
-        help="a DICOM or PNG file, or a folder of them (searched recursively)")
+        help="a DICOM, PNG or JPEG file, or a folder of them (searched recursively)")
     add("--checkpoint", default="best.pth",
         help="a checkpoint path, or the name of one inside --checkpoint-dir")
     add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
         help="folder searched for --checkpoint names")
     add("--out", type=Path, default=Path("predictions"),
         help="output folder (files already in it are overwritten; it is never read as input)")
-    add("--batch-size", type=_positive_int, default=4, help="images per forward pass")
+    add("--batch-size", type=positive_int, default=4, help="images per forward pass")
     add_device_flags(parser)
-    add("--min-area", type=_positive_int, default=MIN_LESION_AREA,
+    add("--min-area", type=positive_int, default=MIN_LESION_AREA,
         help="predicted components smaller than this many original pixels are dropped from "
              "the mask, the overlay and the lesion list (the test script's default too)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -98,14 +101,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def collect_inputs(paths: list[Path], exclude: Path | None = None) -> list[Path]:
     """The files to predict, in order, each once: files as given, folders searched recursively
-    (sorted) for *.dcm and *.png outside `exclude` (the output folder, so outputs are not
-    re-read). A path that does not exist raises DatasetError."""
+    (sorted) for *.dcm, *.png, *.jpg, *.jpeg and any other file that starts with the DICOM
+    preamble (extensionless, or named by its UID), outside `exclude` (the output folder, so
+    outputs are not re-read). A path that does not exist raises DatasetError."""
     excluded = exclude.resolve() if exclude is not None else None
     files, seen = [], set()
     for path in paths:
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                           and f.is_file() and excluded not in f.resolve().parents)
+            found = sorted(f for f in path.rglob("*") if f.is_file()
+                           and (f.suffix.lower() in INPUT_SUFFIXES or is_dicom(f))
+                           and excluded not in f.resolve().parents)
         elif path.is_file():
             found = [path]
         else:
@@ -144,33 +149,40 @@ def output_names(files: list[Path], roots: list[Path]) -> list[str]:
     return names
 
 
-def _decode_png(path: Path) -> np.ndarray | None:
-    data = np.fromfile(path, np.uint8)
-    level = cv2.getLogLevel()
-    cv2.setLogLevel(0)  # the reason goes into our one-line report, not OpenCV's log lines
+def is_dicom(path: Path) -> bool:
+    """Whether a file starts with the DICOM preamble ('DICM' after 128 bytes), whatever its name."""
     try:
-        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    finally:
-        cv2.setLogLevel(level)
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def load_image(path: Path) -> np.ndarray:
-    """The 2-D grayscale pixels of a DICOM or PNG (8/16-bit; colour is converted to grey);
-    any other suffix is read as DICOM. Raises DatasetError naming the file and the reason."""
-    if path.suffix.lower() == ".png":
+    """The 2-D grayscale pixels of a DICOM, PNG or JPEG (see dataset.read_pixels).
+
+    Raises DatasetError naming the file and the reason for an unreadable file, an ROI mask or
+    a cropped image (by its DICOM SeriesDescription; where none says what the file is, a mask
+    by its two grey levels); prints a warning for an image too small to be a mammogram.
+    """
+    description = ""  # PNG and JPEG have none, nor have some CBIS-DDSM masks
+    if is_dicom(path):
         try:
-            image = _decode_png(path)
-        except (OSError, cv2.error) as error:
-            raise DatasetError(f"cannot read PNG {path}: {error}") from error
-        if image is None:
-            raise DatasetError(f"cannot read PNG {path}: not a PNG image or damaged")
-        if image.ndim == 3 and image.shape[2] in (3, 4):
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if image.shape[2] == 3
-                                 else cv2.COLOR_BGRA2GRAY)
-    else:
-        image = read_dicom_pixels(path)
-    if image.ndim != 2:
-        raise DatasetError(f"{path} is not a single grayscale image (pixels {image.shape})")
+            header = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=["SeriesDescription"])
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged file
+            raise DatasetError(f"cannot read DICOM {path}: {error}") from error
+        description = str(header.get("SeriesDescription", ""))
+        if kind_from_description(description) in ("mask", "crop"):
+            raise DatasetError(f"{path} is not a mammogram (SeriesDescription {description!r})")
+    image = read_pixels(path)
+    if not description and looks_like_mask(image[::8, ::8]):
+        raise DatasetError(f"{path} is not a mammogram: nearly all of it is at two grey "
+                            "levels, like an ROI mask")
+    if max(image.shape) < MIN_MAMMOGRAM_SIDE:
+        tqdm.write(f"warning: {path} is {image.shape[0]}x{image.shape[1]} px, small for a "
+                   "mammogram (CBIS-DDSM's are about 5300x3000): a lesion crop or a thumbnail "
+                   "gives meaningless predictions", file=sys.stderr)
     return image
 
 
@@ -209,10 +221,10 @@ class _Loaded:
     display: np.ndarray  # small float copy for the overlay
 
 
-def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -> dict:
-    """Mask, overlay and JSON of one image from its (C, H, W) probabilities at the model's
-    resolution;
-    returns the JSON's content."""
+def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
+                   algorithm: SegAlgorithm | None = None) -> dict:
+    """Mask, overlay, JSON and, for a DICOM with `algorithm` given, DICOM SEG of one image from
+    its (C, H, W) probabilities at the model's resolution; returns the JSON's content."""
     mask, abnormality = predict_at_original(probs, item.meta)
     lesions = []
     for candidate in drop_small_lesions(abnormality, mask, min_area):
@@ -223,6 +235,11 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -
                         "centroid": [round(v, 1) for v in candidate.centroid]})
     lesions.sort(key=lambda lesion: -lesion["score"])
     files = {out / f"{item.name}_mask.png": _encode_png(out / f"{item.name}_mask.png", mask)}
+    seg_path, seg = out / f"{item.name}_seg.dcm", None
+    if algorithm is not None and is_dicom(item.path):
+        seg = encode_dicom_seg(item.path, mask, algorithm)
+    if seg is not None:
+        files[seg_path] = seg
 
     height, width = mask.shape
     small_h, small_w = item.display.shape
@@ -244,6 +261,8 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int) -
               "lesions": lesions}
     files[out / f"{item.name}.json"] = json.dumps(record, indent=2).encode()
     _write_set(files)
+    if seg is None:  # an earlier run's Segmentation would contradict this mask
+        seg_path.unlink(missing_ok=True)
     return record
 
 
@@ -258,10 +277,12 @@ class Summary:
 
 def predict_files(files: list[Path], names: list[str], model: nn.Module, config: dict,
                   out: Path, device: torch.device, *, batch_size: int = 4, amp: str = "auto",
-                  min_area: int = MIN_LESION_AREA, progress: bool = True) -> Summary:
-    """Predict every file in batches and write its outputs as <name>_* into out; files that
-    cannot be read are reported on stderr (one line each) and skipped. A patch-trained
-    checkpoint sees one image at a time through its sliding window, batch_size tiles at once."""
+                  min_area: int = MIN_LESION_AREA, progress: bool = True,
+                  algorithm: SegAlgorithm | None = None) -> Summary:
+    """Predict every file in batches and write its outputs as <name>_* into out (a DICOM SEG
+    per DICOM when `algorithm` identifies the model); files that cannot be read, ROI masks and
+    crops are reported on stderr (one line each) and skipped. A patch-trained checkpoint sees
+    one image at a time through its sliding window, batch_size tiles at once."""
     out.mkdir(parents=True, exist_ok=True)
     resolution = resolution_of(config)
     images_per_batch = 1 if config.get("patch_size") else batch_size
@@ -286,7 +307,7 @@ def predict_files(files: list[Path], names: list[str], model: nn.Module, config:
         images = torch.from_numpy(np.stack([item.image for item in batch])).unsqueeze(1)
         probs_batch = predict_probabilities(model, images, device, config, amp, batch_size)
         for item, probs in zip(batch, probs_batch, strict=True):
-            summary.records.append(_write_outputs(item, probs, out, min_area))
+            summary.records.append(_write_outputs(item, probs, out, min_area, algorithm))
             bar.update()
     bar.close()
     return summary
@@ -303,14 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not files:
-        print(f"error: no .dcm or .png files in {', '.join(map(str, args.inputs))}",
+        print(f"error: no DICOM, PNG or JPEG files in {', '.join(map(str, args.inputs))}",
               file=sys.stderr)
         return 1
     summary = predict_files(files, output_names(files, args.inputs), model, config, args.out,
                             device, batch_size=args.batch_size, amp=args.amp,
-                            min_area=args.min_area, progress=args.progress)
+                            min_area=args.min_area, progress=args.progress,
+                            algorithm=segmentation_algorithm(checkpoint, config))
     print(f"{len(summary.records)} of {len(files)} images predicted into {args.out}, "
-          f"{len(summary.skipped)} skipped as unreadable")
+          f"{len(summary.skipped)} skipped (unreadable, or not a mammogram)")
     return 0 if summary.records else 1
 
 

@@ -10,6 +10,8 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
+from utils import atomic_write
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -104,24 +106,30 @@ def write_plots(results: dict, out: Path, log_path: Path) -> list[Path]:
     written.append(_save(fig, out / "confusion_matrix.png"))
 
     if log_path.exists():
-        log = pd.read_csv(log_path)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        left.plot(log["epoch"], log["train_loss"], label="train")
-        left.plot(log["epoch"], log["val_loss"], label="validation")
-        left.set(xlabel="epoch", ylabel="loss", title="Loss")
-        left.legend()
-        for column in [c for c in log.columns if c.startswith("dice_")
-                       or c in ("mean_fg_dice", "ema_fg_dice")]:
-            right.plot(log["epoch"], log[column], label=column.replace("_", " "))
-        right.set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1), title="Validation Dice")
-        right.legend()
-        written.append(_save(fig, out / "training_curves.png"))
+        written.append(plot_training_curves(log_path, out / "training_curves.png"))
     return written
+
+
+def plot_training_curves(log_path: Path, path: Path) -> Path:
+    """Losses and per-class validation Dice per epoch from training's log.csv."""
+    log = pd.read_csv(log_path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(log["epoch"], log["train_loss"], label="train")
+    left.plot(log["epoch"], log["val_loss"], label="validation")
+    left.set(xlabel="epoch", ylabel="loss", title="Loss")
+    left.legend()
+    for column in [c for c in log.columns if c.startswith("dice_")
+                   or c in ("mean_fg_dice", "ema_fg_dice")]:
+        right.plot(log["epoch"], log[column], label=column.replace("_", " "))
+    right.set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1), title="Validation Dice")
+    right.legend()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Atomic: training redraws its curves every epoch while someone may be looking at them.
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 

@@ -1,7 +1,11 @@
-"""Write a CBIS-DDSM-shaped DICOM tree, with quick-to-learn (demo) or realistic lesions.
+"""Write a CBIS-DDSM-shaped tree, with quick-to-learn (demo) or realistic lesions.
 
 Folder layout, DICOM headers and the four description CSVs follow the real TCIA download,
 quirks included (see DESIGN.md), so the retrieval step and everything after it run unchanged.
+With layout "kaggle" the same study is written as the Kaggle JPEG copy instead: csv/ (the four
+description CSVs with TCIA-style paths, dicom_info.csv, meta.csv) and jpeg/<series uid>/ holding
+8-bit JPEGs named 1-<n>.jpg or 2-<n>.jpg whatever they hold, with that copy's quirks (crop and
+mask in either order, masks without SeriesDescription, non-binary JPEG masks, the defects).
 Lesions are drawn in a chest-wall-on-the-left frame and the image is mirrored for RIGHT breasts.
 
 The demo profile's lesions are sized and lit to survive the downsample to training resolution,
@@ -66,6 +70,14 @@ MAMMOGRAPHY_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-R
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 MAX_VALUE = 60000  # brightest pixel: real scans stay below the 16-bit ceiling
 OLD_UID_ROOT = "1.3.6.1.4.1.9590.100.1.2."  # the UID layout of the description CSVs' paths
+LAYOUTS = ("tcia", "kaggle")
+DICOM_INFO_COLUMNS = [  # the Kaggle copy's csv/dicom_info.csv (a subset of its columns)
+    "file_path", "image_path", "BitsAllocated", "BitsStored", "Columns", "Laterality",
+    "Modality", "PatientID", "PhotometricInterpretation", "Rows", "SeriesDescription",
+    "SeriesInstanceUID", "StudyInstanceUID",
+]  # fmt: skip
+META_COLUMNS = ["SeriesInstanceUID", "StudyInstanceUID", "Subject ID", "Series Description",
+                "Number of Images"]
 
 _HEADER = (  # exactly the published files' header rows, which differ in these three places
     "patient_id,{density},left or right breast,image view,abnormality id,abnormality type,"
@@ -783,6 +795,27 @@ def _render(
     return _finish(img, masks, m.side)
 
 
+def _crop_and_mask(
+    abn: _Abnormality, image: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lesion's cropped image and its ROI mask as published (the size defect applied)."""
+    x, y, bw, bh = cv2.boundingRect(mask)
+    crop = image[y : y + bh, x : x + bw]
+    if abn.defect == "mask_size_mismatch":  # like Mass-Test_P_00145_LEFT_CC: mask ~87% size
+        size = (round(0.87 * mask.shape[1]), round(0.87 * mask.shape[0]))
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    return crop, mask
+
+
+def _roi_uids(abn: _Abnormality) -> tuple[str, str]:
+    """"<study uid>/<series uid>" of the crop and of the mask in the description CSVs: one series
+    for both, or (newer layout) a series each, the crop's derived so the plan's draws stay put."""
+    if abn.one_series:
+        return abn.old_uids, abn.old_uids
+    study, series = abn.old_uids.split("/")
+    return f"{study}/{generate_uid(OLD_UID_ROOT, [series, 'crop'])}", abn.old_uids
+
+
 def _write_abnormality(
     root: Path,
     m: _Mammogram,
@@ -792,11 +825,7 @@ def _write_abnormality(
     uid: Callable[[], str],
     rng: np.random.Generator,
 ) -> None:
-    x, y, bw, bh = cv2.boundingRect(mask)
-    crop = image[y : y + bh, x : x + bw]
-    if abn.defect == "mask_size_mismatch":  # like Mass-Test_P_00145_LEFT_CC: mask ~87% size
-        size = (round(0.87 * mask.shape[1]), round(0.87 * mask.shape[0]))
-        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    crop, mask = _crop_and_mask(abn, image, mask)
     study = root / f"{m.folder}_{abn.n}" / f"{m.date}-DDSM-{rng.integers(100000):05d}"
     mask_dir = study / f"1.000000-ROI mask images-{rng.integers(100000):05d}"
     if abn.one_series:
@@ -833,8 +862,15 @@ def _tags(m: _Mammogram) -> dict:
 
 
 def _write_mammogram(
-    root: Path, m: _Mammogram, size: tuple[int, int], seed: int, index: int, profile: str = "demo"
-) -> None:
+    root: Path,
+    m: _Mammogram,
+    size: tuple[int, int],
+    seed: int,
+    index: int,
+    profile: str = "demo",
+    layout: str = "tcia",
+) -> list[dict]:
+    """Render one mammogram and write its files; returns their dicom_info.csv rows (Kaggle)."""
     rng = np.random.default_rng([seed, index])  # own stream: pixels do not hinge on other images
     counter = itertools.count()
 
@@ -842,6 +878,8 @@ def _write_mammogram(
         return generate_uid(entropy_srcs=[f"synthetic-{seed}-{index}-{next(counter)}"])
 
     image, masks = _render(m, *size, rng, profile)
+    if layout == "kaggle":
+        return _write_kaggle_mammogram(root, m, image, masks, uid, rng)
     series = root / m.folder / f"{m.date}-DDSM-{rng.integers(100000):05d}"
     path = series / f"1.000000-full mammogram images-{rng.integers(100000):05d}" / "1-1.dcm"
     write_dicom(
@@ -858,12 +896,83 @@ def _write_mammogram(
     for abn, mask in zip(m.abnormalities, masks, strict=True):
         if abn.defect != "missing_roi":
             _write_abnormality(root, m, abn, image, mask, uid, rng)
+    return []
+
+
+def _write_jpeg(path: Path, pixels: np.ndarray) -> None:
+    """An 8-bit JPEG as in the Kaggle copy: the image's range scaled to 0-255 (masks stay 0/255;
+    the compression blurs their edges into a dozen grey levels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    eight_bit = cv2.normalize(pixels, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8U)
+    if not cv2.imwrite(str(path), eight_bit):
+        raise OSError(f"cannot write {path}")
+
+
+def _write_kaggle_mammogram(
+    jpeg: Path,
+    m: _Mammogram,
+    image: np.ndarray,
+    masks: list[np.ndarray],
+    uid: Callable[[], str],
+    rng: np.random.Generator,
+) -> list[dict]:
+    """jpeg/<series uid>/<1|2>-<n>.jpg for the mammogram and each abnormality's crop and mask,
+    in the folders the description CSVs' paths name; returns their dicom_info.csv rows."""
+    files = [(m.old_uids, "1", image, m.folder, "full mammogram images")]
+    for abn, mask in zip(m.abnormalities, masks, strict=True):
+        if abn.defect == "missing_roi":
+            continue
+        crop, mask = _crop_and_mask(abn, image, mask)
+        crop_uids, mask_uids = _roi_uids(abn)
+        # In one folder the 1-/2- prefix says nothing: the mask is 1- or 2- at random.
+        mask_prefix = "1" if not abn.one_series or abn.mask_first else "2"
+        crop_prefix = "1" if not abn.one_series or not abn.mask_first else "2"
+        name = f"{m.folder}_{abn.n}"
+        mask_id = f"{m.patient}_{m.side}_{m.view}_{abn.n}.dcm" if abn.quirk else name
+        files += [(crop_uids, crop_prefix, crop, name, "cropped images"),
+                  (mask_uids, mask_prefix, mask, mask_id, "" if abn.quirk else "ROI mask images")]
+    rows = []
+    for uids, prefix, pixels, patient_id, description in files:
+        study, series = uids.split("/")
+        relative = f"{series}/{prefix}-{rng.integers(1, 300)}.jpg"
+        _write_jpeg(jpeg / relative, pixels)
+        bits = 8 if description in ("", "ROI mask images") else 16  # the DICOMs' depth
+        rows.append({
+            "file_path": f"CBIS-DDSM/dicom/{uid()}.dcm", "image_path": f"CBIS-DDSM/jpeg/{relative}",
+            "BitsAllocated": bits, "BitsStored": bits, "Columns": pixels.shape[1],
+            "Laterality": m.side[0], "Modality": "MG", "PatientID": patient_id,
+            "PhotometricInterpretation": "MONOCHROME2", "Rows": pixels.shape[0],
+            "SeriesDescription": description, "SeriesInstanceUID": series,
+            "StudyInstanceUID": study,
+        })  # fmt: skip
+    return rows
+
+
+def _write_kaggle_csvs(csv_dir: Path, plan: list[_Mammogram], info: list[dict]) -> None:
+    """The four description CSVs, dicom_info.csv and meta.csv (one row per series folder)."""
+    csv_dir.mkdir(parents=True, exist_ok=True)
+    _write_csvs(csv_dir, plan)
+    with open(csv_dir / "dicom_info.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, DICOM_INFO_COLUMNS)
+        writer.writeheader()
+        writer.writerows(info)
+    series: dict[str, list[dict]] = {}
+    for row in info:
+        series.setdefault(row["SeriesInstanceUID"], []).append(row)
+    with open(csv_dir / "meta.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(META_COLUMNS)
+        for uid, rows in series.items():
+            first = rows[0]
+            writer.writerow([uid, first["StudyInstanceUID"], first["PatientID"],
+                             first["SeriesDescription"], len(rows)])
 
 
 def _csv_row(m: _Mammogram, abn: _Abnormality) -> list:
-    folder = f"{m.folder}_{abn.n}/{abn.old_uids}"
-    first, second = f"{folder}/000000.dcm", f"{folder}/000001.dcm"
-    crop, roi = (first, second) if abn.crop_is_first else (second, first)
+    crop_uids, mask_uids = _roi_uids(abn)
+    names = ("000000.dcm", "000001.dcm") if abn.crop_is_first else ("000001.dcm", "000000.dcm")
+    crop = f"{m.folder}_{abn.n}/{crop_uids}/{names[0]}"
+    roi = f"{m.folder}_{abn.n}/{mask_uids}/{names[1]}"
     # The published files carry a bare LF inside one path field per row; so do we.
     crop, roi = (crop, roi + "\n") if m.collection == "Mass" else (crop + "\n", roi)
     kind = "mass" if m.collection == "Mass" else "calcification"
@@ -884,7 +993,9 @@ def _write_csvs(out_dir: Path, plan: list[_Mammogram]) -> None:
                     writer.writerows(_csv_row(m, abn) for abn in m.abnormalities)
 
 
-def _summary(plan: list[_Mammogram], out_dir: Path, size: tuple[int, int], seed: int) -> dict:
+def _summary(
+    plan: list[_Mammogram], out_dir: Path, size: tuple[int, int], seed: int, layout: str
+) -> dict:
     groups = [f"{c}-{s}" for c in ("Mass", "Calc") for s in ("Training", "Test")]
     abns = [(m, a) for m in plan for a in m.abnormalities]
     images = Counter(f"{m.collection}-{m.split}" for m in plan)
@@ -892,6 +1003,7 @@ def _summary(plan: list[_Mammogram], out_dir: Path, size: tuple[int, int], seed:
     written = [a for _, a in abns if a.defect != "missing_roi"]
     return {
         "out_dir": str(out_dir),
+        "layout": layout,
         "size": list(size),
         "seed": seed,
         "patients": len({m.patient for m in plan}),
@@ -919,34 +1031,47 @@ def make_synthetic_dataset(
     defects: bool = True,
     progress: bool = True,
     profile: str = "demo",
+    layout: str = "tcia",
 ) -> dict:
-    """Write out_dir/CBIS-DDSM/ and the four description CSVs; return a summary of what was written.
+    """Write out_dir/CBIS-DDSM/ and the four description CSVs (layout "tcia"), or out_dir/jpeg/
+    and out_dir/csv/ (layout "kaggle"); return a summary of what was written.
 
     The defects need two single-lesion training mammograms; a tiny set may get fewer, and the
     summary's "defects" lists the folders actually affected. profile is "demo" (quick to learn)
     or "realistic" (calibrated to the real set, see the module docstring). Raises
-    FileExistsError if out_dir/CBIS-DDSM exists, ValueError for unusable arguments.
+    FileExistsError if the image folder exists, ValueError for unusable arguments.
     """
     out_dir = Path(out_dir)
-    if patients < 1 or min(size) < 64:
-        raise ValueError(f"need patients >= 1 and both sides >= 64 px, got {patients} and {size}")
+    if patients < 1 or min(size) < 64 or layout not in LAYOUTS:
+        raise ValueError(f"need patients >= 1, both sides >= 64 px and a layout in {LAYOUTS}, "
+                         f"got {patients}, {size} and {layout!r}")
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-    root = out_dir / "CBIS-DDSM"
+    root = out_dir / image_folder(layout)
     if root.exists():
         raise FileExistsError(f"{root} already exists (use --overwrite to replace it)")
     plan = _plan(patients, defects, np.random.default_rng(seed))
     root.mkdir(parents=True)
+    info = []
     for index, m in enumerate(tqdm(plan, desc="synthetic mammograms", disable=not progress)):
-        _write_mammogram(root, m, size, seed, index, profile)
-    _write_csvs(out_dir, plan)
-    return {**_summary(plan, out_dir, size, seed), "profile": profile}
+        info += _write_mammogram(root, m, size, seed, index, profile, layout)
+    if layout == "kaggle":
+        _write_kaggle_csvs(out_dir / "csv", plan, info)
+    else:
+        _write_csvs(out_dir, plan)
+    return {**_summary(plan, out_dir, size, seed, layout), "profile": profile}
+
+
+def image_folder(layout: str) -> str:
+    """The folder under --out that holds the images of a layout."""
+    return "jpeg" if layout == "kaggle" else "CBIS-DDSM"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--out", type=Path, required=True, help="folder to write CBIS-DDSM/ and the 4 CSVs into")
+    add("--out", type=Path, required=True,
+        help="folder to write CBIS-DDSM/ and the 4 CSVs into (kaggle: jpeg/ and csv/)")
     add("--patients", type=int, default=60, help="patients, 1-3 mammograms each (default 60)")
     add(
         "--size",
@@ -971,11 +1096,17 @@ def main(argv: list[str] | None = None) -> int:
         help="leave out the deliberate defects: one ROI mask at the wrong size and one "
         "abnormality listed in the CSV whose folder is missing",
     )
-    add("--overwrite", action="store_true", help="replace an existing OUT/CBIS-DDSM")
+    add(
+        "--layout",
+        choices=LAYOUTS,
+        default="tcia",
+        help="tcia: the NBIA DICOM download; kaggle: the Kaggle JPEG copy (csv/, jpeg/)",
+    )
+    add("--overwrite", action="store_true", help="replace an existing OUT/CBIS-DDSM (OUT/jpeg)")
     add("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.overwrite:
-        shutil.rmtree(args.out / "CBIS-DDSM", ignore_errors=True)
+        shutil.rmtree(args.out / image_folder(args.layout), ignore_errors=True)
     try:
         summary = make_synthetic_dataset(
             args.out,
@@ -985,6 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
             args.defects,
             not args.quiet,
             args.profile,
+            args.layout,
         )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

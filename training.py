@@ -1,7 +1,9 @@
 """Training: flags, the loss, one epoch, validation, and the checkpointed loop.
 
 Runs on one device or, under torchrun, on many with DistributedDataParallel; only rank 0 writes
-checkpoint-dir/{last,best}.pth and log.csv. Train_deep_labv3+.py is the command-line entry.
+checkpoint-dir/{last,best}.pth, log.csv, train.log (the screen's lines, timestamped, with step
+timings every --log-every steps) and training_curves.png (redrawn every epoch).
+Train_deep_labv3+.py is the command-line entry.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ from dataset import (
 from inference import predict_logits, resolution_of
 from metrics import CLASS_NAMES
 from model import SUPPORTED_BACKBONES, build_model
+from report import plot_training_curves
 from utils import (
     CheckpointError,
     DiskFullError,
     DistInfo,
     HelpFormatter,
+    StepLog,
+    TeeStdout,
     UsageError,
     add_device_flags,
     all_reduce_sum,
@@ -65,6 +70,7 @@ from utils import (
     init_distributed,
     load_checkpoint,
     load_error_reason,
+    positive_int,
     resolve_device,
     save_checkpoint,
     seed_everything,
@@ -76,9 +82,9 @@ TORCH_SEED, AUGMENT_SEED, SAMPLER_SEED = 1, 2, 3
 # the command line. (--cache-dir and --data-root come from the run unless given: finding the
 # run's cache again is the point of resuming.)
 MACHINE_FLAGS = ("resume", "device", "workers", "checkpoint_dir", "progress", "overwrite",
-                 "allow_changed_data")
+                 "allow_changed_data", "log_every")
 # What a run writes into its --checkpoint-dir; --overwrite deletes these of the run it replaces.
-RUN_FILES = ("last.pth", "best.pth", "log.csv")
+RUN_FILES = ("last.pth", "best.pth", "log.csv", "train.log", "training_curves.png")
 MIN_SIZE = 32  # px per side: the encoder downsamples 16-32x
 
 
@@ -151,6 +157,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="skip (and count) mammograms whose DICOMs cannot be read instead of stopping")
     add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add("--log-every", type=positive_int, default=50,
+        help="print data time, step time, images/s, ETA and peak memory every this many steps "
+             "(also into checkpoint-dir/train.log)")
     return parser
 
 
@@ -643,13 +652,15 @@ def train(args, given: set[str] = frozenset()) -> dict:
         device = torch.device("cuda", dist_info.local_rank)
     seed_everything(args.seed)
     try:
-        return _train(args, checkpoint, device, dist_info, data)
+        # Printed lines are kept from here; train.log gets them once the run folder is ready.
+        with TeeStdout(enabled=dist_info.is_main) as log:
+            return _train(args, checkpoint, device, dist_info, data, log)
     finally:
         cleanup_distributed()
 
 
 def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistInfo,
-           data: dict) -> dict:
+           data: dict, log: TeeStdout) -> dict:
     train_set, val_set = load_datasets(args, dist_info)
     if len(train_set) < args.batch_size * dist_info.world_size:
         raise SystemExit(f"error: {len(train_set)} training mammograms, fewer than one batch")
@@ -677,9 +688,12 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
     if args.compile:
         trained = torch.compile(trained)
 
+    train_loader = StepLog(train_loader, args.log_every, args.epochs, start_epoch,
+                           args.batch_size * dist_info.world_size, device, dist_info.is_main)
     log_path = args.checkpoint_dir / "log.csv"
     if dist_info.is_main:
         prepare_run_folder(args)
+        log.open(args.checkpoint_dir / "train.log")
         drop_log_rows_after(log_path, start_epoch)
         inputs = (f"{args.patch_size[0]}x{args.patch_size[1]} patches at scale {args.scale}"
                   if args.patch_size else f"{args.size[0]}x{args.size[1]}")
@@ -718,6 +732,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
             best = ema
         if dist_info.is_main:
             append_csv_row(log_path, row)
+            plot_training_curves(log_path, args.checkpoint_dir / "training_curves.png")
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "best_metric": best, "ema_metric": ema, "config": config,

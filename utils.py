@@ -1,4 +1,5 @@
-"""Small shared helpers: checkpoints, seeding, distributed set-up, atomic writes, devices."""
+"""Small shared helpers: checkpoints, seeding, distributed set-up, atomic writes, devices, and
+the training log (a timestamped copy of the screen, step timings)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -215,6 +218,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """--device and --amp, the same for every script that runs the model."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -314,3 +328,125 @@ def barrier() -> None:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- training log
+
+
+class TeeStdout:
+    """Within `with`, every line printed to stdout is also kept, stamped with the time: in
+    memory until open(path) names its file (a run that fails before its folder is ready leaves
+    none), then appended there as it comes. Disabled, it does nothing (ranks other than 0)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.screen: TextIO = sys.stdout
+        self.file: TextIO | None = None
+        self.kept: list[str] = []  # stamped lines before open()
+        self.pending = ""
+
+    def __enter__(self) -> TeeStdout:
+        if self.enabled:
+            self.screen, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            sys.stdout = self.screen
+            self._log([self.pending] if self.pending else [])
+            if self.file is not None:
+                self.file.close()
+
+    def open(self, path: Path) -> None:
+        """Append the lines so far and every later one to `path`."""
+        if self.enabled:
+            self.file = path.open("a", encoding="utf-8")
+            self.file.writelines(self.kept)
+            self.file.flush()
+
+    def write(self, text: str) -> int:
+        self.screen.write(text)
+        if self.enabled:
+            *lines, self.pending = (self.pending + text).split("\n")
+            self._log(lines)
+        return len(text)
+
+    def _log(self, lines: list[str]) -> None:
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        stamped = [f"{stamp}  {line}\n" for line in lines]
+        if self.file is None:
+            self.kept += stamped
+        else:
+            self.file.writelines(stamped)
+            self.file.flush()  # a run killed later keeps every line so far
+
+    def flush(self) -> None:
+        self.screen.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno...: the screen's
+        return getattr(self.screen, name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on `device`, else this process's peak resident memory (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KB
+
+
+def _duration(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+class StepLog:
+    """The training loader, wrapped: every `every` steps and at each epoch's end it prints
+    (torchvision MetricLogger style) the mean time waiting for data and computing the step,
+    images/s, the run's ETA and peak memory. Each iteration is one epoch; the ETA counts the
+    epochs after it at the last epoch's whole wall time (validation included)."""
+
+    def __init__(self, loader: Iterable, every: int, epochs: int, start_epoch: int,
+                 images_per_step: int, device: torch.device, enabled: bool = True) -> None:
+        self.loader, self.every, self.epochs = loader, every, epochs
+        self.epoch = start_epoch
+        self.images_per_step, self.device, self.enabled = images_per_step, device, enabled
+        self.epoch_started: float | None = None
+        self.epoch_seconds: float | None = None  # the last whole epoch, validation included
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, dataset...: the loader's
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator:
+        now = time.perf_counter()
+        if self.epoch_started is not None:
+            self.epoch_seconds = now - self.epoch_started
+        self.epoch_started, self.epoch = now, self.epoch + 1
+        steps, window, data, compute = len(self.loader), 0, 0.0, 0.0
+        end = now
+        for step, batch in enumerate(self.loader, start=1):
+            fetched = time.perf_counter()
+            data += fetched - end
+            yield batch
+            if self.device.type == "cuda" and (step % self.every == 0 or step == steps):
+                torch.cuda.synchronize(self.device)  # the step's kernels, not just their launch
+            end = time.perf_counter()
+            compute += end - fetched
+            window += 1
+            if self.enabled and (step % self.every == 0 or step == steps):
+                self._print(step, steps, window, data, compute, end)
+                window, data, compute = 0, 0.0, 0.0
+
+    def _print(self, step: int, steps: int, window: int, data: float, compute: float,
+               now: float) -> None:
+        per_step = (now - self.epoch_started) / step
+        later_epochs = (self.epochs - self.epoch) * (self.epoch_seconds or steps * per_step)
+        eta = (steps - step) * per_step + later_epochs
+        print(f"epoch {self.epoch}/{self.epochs} step {step}/{steps}  "
+              f"data {data / window:.3f} s  step {compute / window:.3f} s  "
+              f"{self.images_per_step * window / (data + compute):.1f} img/s  "
+              f"eta {_duration(eta)}  peak {'CUDA' if self.device.type == 'cuda' else 'RSS'} "
+              f"{peak_memory_mb(self.device):.0f} MB",
+              flush=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one small synthetic CBIS-DDSM tree and its retrieval CSVs per test session."""
+"""Shared fixtures: one small synthetic CBIS-DDSM study, in the TCIA layout and in the Kaggle
+JPEG layout, and the retrieval CSVs of each, per test session."""
 
 from __future__ import annotations
 
@@ -11,21 +12,38 @@ from synthetic import make_synthetic_dataset
 
 # Small enough for CPU tests, large enough for every class in train, val and test.
 SIZE = (64, 48)  # training input (H, W) used by the fast tests
+STUDY = {"patients": 14, "size": (240, 150), "seed": 3}  # the synthetic study of every layout
+
+
+def retrieve_into(root: Path, out: Path) -> Path:
+    args = ["--data-root", str(root), "--out-dir", str(out), "--val-fraction", "0.25"]
+    assert main_retrieval.main(args) == 0
+    return out
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_dataset(root, patients=14, size=(240, 150), seed=3, progress=False)
+    make_synthetic_dataset(root, **STUDY, progress=False)
     return root
 
 
 @pytest.fixture(scope="session")
 def csv_dir(synthetic_root: Path) -> Path:
-    out = synthetic_root / "csv"
-    args = ["--data-root", str(synthetic_root), "--out-dir", str(out), "--val-fraction", "0.25"]
-    assert main_retrieval.main(args) == 0
-    return out
+    return retrieve_into(synthetic_root, synthetic_root / "csv")
+
+
+@pytest.fixture(scope="session")
+def kaggle_root(tmp_path_factory) -> Path:
+    """The same study as synthetic_root, as the Kaggle JPEG copy (csv/, jpeg/)."""
+    root = tmp_path_factory.mktemp("kaggle")
+    make_synthetic_dataset(root, **STUDY, progress=False, layout="kaggle")
+    return root
+
+
+@pytest.fixture(scope="session")
+def kaggle_csv_dir(kaggle_root: Path) -> Path:
+    return retrieve_into(kaggle_root, kaggle_root / "retrieved")  # csv/ is the copy's own
 
 
 def train_args(csv_dir: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -45,7 +45,7 @@ def test_every_roi_of_a_mammogram_is_in_its_one_target(csv_dir, tmp_path):
     mammograms = group_mammograms(rows)
     assert len(mammograms) == rows["img_path"].nunique()
     multi = next(m for m in mammograms if len(set(m.class_ids)) > 1)
-    masks, _ = read_roi_masks(multi, root, dataset.read_dicom_pixels(root / multi.img_path).shape)
+    masks, _ = read_roi_masks(multi, root, dataset.read_pixels(root / multi.img_path).shape)
     merged = merge_masks(masks, multi.class_ids)
     for roi, cls in zip(masks, multi.class_ids, strict=True):
         # Every lesion pixel keeps a lesion label: its own class or a higher overlapping one.
@@ -74,8 +74,8 @@ def test_view_in_both_collections_gets_the_rois_of_both():
 
 def test_cache_hit_means_no_second_decode(csv_dir, tmp_path, monkeypatch):
     decoded = []
-    real_read = dataset.read_dicom_pixels
-    monkeypatch.setattr(dataset, "read_dicom_pixels",
+    real_read = dataset.read_pixels
+    monkeypatch.setattr(dataset, "read_pixels",
                         lambda path, **kw: decoded.append(path) or real_read(path, **kw))
     data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
     first = [data[i] for i in range(len(data))]
@@ -110,7 +110,7 @@ def test_dicom_replaced_in_place_is_preprocessed_again(csv_dir, tmp_path):
     data, copy_root = _copy_of_val_set(csv_dir, tmp_path)
     assert data.prepare(progress=False).built == len(data)
     source = copy_root / data.mammograms[0].img_path
-    image = dataset.read_dicom_pixels(source)
+    image = dataset.read_pixels(source)
     write_dicom(source, (65535 - image).astype(np.uint16), patient_id="x",
                 series_description="full mammogram images")  # a corrected re-download
     again = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE,
@@ -286,6 +286,26 @@ def test_paths_in_csv_are_relative_to_recorded_root(csv_dir):
     rows = pd.read_csv(csv_dir / "test.csv")
     assert all((root / p).is_file() for p in rows["img_path"])
     assert not any(Path(p).is_absolute() for p in rows["roi_path"])
+
+
+def test_kaggle_jpeg_copy_gives_the_same_targets_and_8_bit_images(csv_dir, kaggle_csv_dir):
+    """The same study from both layouts: the JPEG masks, thresholded, are the DICOM masks; the
+    JPEG images are the DICOM images at 8 bits (plus JPEG's small loss)."""
+    for split in ("train", "val", "test"):
+        dicom_rows, dicom_root = read_split_csv(csv_dir / f"{split}.csv")
+        jpeg_rows, jpeg_root = read_split_csv(kaggle_csv_dir / f"{split}.csv")
+        pairs = zip(group_mammograms(dicom_rows), group_mammograms(jpeg_rows), strict=True)
+        for dicom, jpeg in pairs:
+            assert (dicom.patient_id, dicom.class_ids) == (jpeg.patient_id, jpeg.class_ids)
+            image16 = dataset.read_pixels(dicom_root / dicom.img_path).astype(float)
+            image8 = dataset.read_pixels(jpeg_root / jpeg.img_path)
+            assert image8.dtype == np.uint8 and image8.shape == image16.shape
+            scaled = (image16 - image16.min()) / (image16.max() - image16.min()) * 255
+            assert np.abs(image8 - scaled).mean() < 1.5
+            masks16, _ = read_roi_masks(dicom, dicom_root, image16.shape)
+            masks8, _ = read_roi_masks(jpeg, jpeg_root, image8.shape)
+            for mask16, mask8 in zip(masks16, masks8, strict=True):
+                np.testing.assert_array_equal(mask16, mask8)
 
 
 def test_augmentation_moves_each_mask_with_its_image():

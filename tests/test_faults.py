@@ -29,7 +29,7 @@ import model
 import predict
 import training
 import utils
-from dataset import DatasetError, MammogramDataset, read_dicom_pixels, read_split_csv
+from dataset import DatasetError, MammogramDataset, read_pixels, read_split_csv
 from main_retrieval import DESCRIPTION_FILES
 from synthetic import write_dicom
 from tests.conftest import SIZE
@@ -375,7 +375,7 @@ def test_f10_a_moved_data_root_points_at_data_root(small_csv, tmp_path):
     with pytest.raises(UsageError, match="is missing: if the data moved.*pass --data-root"):
         training.validate_args(args)
     with pytest.raises(DatasetError, match="no file .*pass --data-root"):
-        read_dicom_pixels(tmp_path / "x" / "1-1.dcm")
+        read_pixels(tmp_path / "x" / "1-1.dcm")
 
 
 # ----------------------------------------------------------------------------- results
@@ -533,7 +533,7 @@ def test_damaged_or_missing_dicoms_are_named(tmp_path):
     header.save_as(tmp_path / "pixelless.dcm")
     for name in ("corrupt.dcm", "truncated.dcm", "pixelless.dcm", "missing.dcm"):
         with pytest.raises(DatasetError, match=name):
-            read_dicom_pixels(tmp_path / name)
+            read_pixels(tmp_path / name)
     no_mask = dataset.Mammogram("ok.dcm", ("missing_mask.dcm",), (1,), "P_1", "Mass-Test")
     with pytest.raises(DatasetError, match="missing_mask.dcm"):
         dataset.preprocess(no_mask, tmp_path, SIZE)

@@ -28,6 +28,7 @@ from dataset import (
     MammogramDataset,
     PatchDataset,
     _init_cache_worker,
+    read_pixels,
     read_window,
 )
 from synthetic import write_dicom
@@ -158,7 +159,7 @@ def test_predict_uses_the_sliding_window_on_a_large_dicom(patch_run, tmp_path, m
             str(out), "--no-progress"]
     assert predict.main(argv) == 0
     assert len(calls) == 1
-    mask = predict.load_image(out / "scan_mask.png")
+    mask = read_pixels(out / "scan_mask.png")
     assert mask.shape == (height, width)
 
 

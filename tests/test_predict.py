@@ -1,16 +1,21 @@
-"""predict.py on synthetic DICOM and PNG files with untrained tiny checkpoints (CPU)."""
+"""predict.py on synthetic DICOM, PNG and JPEG files with untrained tiny checkpoints (CPU)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import cv2
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 import torch
+from pydicom.uid import generate_uid
 
 import dataset
+import dicom_seg
 import model
 import predict
 from metrics import CLASS_NAMES
@@ -23,14 +28,15 @@ RECORD_KEYS = {"source", "name", "original_size", "breast_box", "flipped", "mali
 
 def save_checkpoint(path: Path, kind: str) -> Path:
     """An untrained resnet18 checkpoint at 64x48. "mass" outputs a constant malignant mass, so
-    the expected mask is exactly the breast crop box; "patchwork" has its random logits
-    sharpened into a mix of classes and components of many sizes."""
+    the expected mask is exactly the breast crop box, "background" nothing; "patchwork" has its
+    random logits sharpened into a mix of classes and components of many sizes."""
     torch.manual_seed(1)
     net = model.build_model("resnet18", 4, 1, 16)
     with torch.no_grad():
-        if kind == "mass":
+        if kind in ("mass", "background"):
             net.classifier.weight.zero_()
-            net.classifier.bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
+            net.classifier.bias.copy_(torch.tensor([10.0 * (kind == "background"), 0.0,
+                                                    10.0 * (kind == "mass"), 0.0]))
         else:
             net.classifier.weight.mul_(30)
     # net.config: backbone, classes, channels, stride... whatever build_model takes
@@ -43,7 +49,8 @@ def save_checkpoint(path: Path, kind: str) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("checkpoints")
-    return {kind: save_checkpoint(folder / f"{kind}.pth", kind) for kind in ("mass", "patchwork")}
+    return {kind: save_checkpoint(folder / f"{kind}.pth", kind)
+            for kind in ("mass", "patchwork", "background")}
 
 
 def mammogram(height: int, width: int, chest_wall_right: bool, seed: int = 0) -> np.ndarray:
@@ -194,6 +201,124 @@ def test_usage_errors_exit_2_and_nothing_readable_exits_1(checkpoints, inputs, t
     assert not out.exists()
     assert run(checkpoints["mass"], out, inputs["corrupt"]) == 1
     assert "0 of 1 images" in capsys.readouterr().out
+
+
+def test_jpeg_files_folders_of_them_and_extensionless_dicom(checkpoints, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    jpeg = scans / "jpeg" / "1.3.6.1.4.1.9590.100.1.2.1" / "2-17.jpg"
+    jpeg.parent.mkdir(parents=True)
+    cv2.imwrite(str(jpeg), (mammogram(120, 80, False, 5) // 256).astype(np.uint8))
+    extensionless = scans / "DICOMDIR_LIKE" / "IM0001"
+    write_dicom(extensionless, mammogram(110, 70, True, 6), patient_id="P",
+                series_description=None)
+    (scans / "notes").write_text("not an image")  # no DICM preamble: not collected
+    (scans / "1.2.840.5").write_text("not an image either")
+    assert set(predict.collect_inputs([scans])) == {jpeg, extensionless}
+    out = tmp_path / "out"
+    assert run(checkpoints["mass"], out, scans) == 0
+    outputs = read_outputs(out)
+    assert {source: mask.shape for source, (_, mask, _) in outputs.items()} == {
+        str(jpeg): (120, 80), str(extensionless): (110, 70)}
+    assert [p.name for p in out.glob("*_seg.dcm")] == ["IM0001_seg.dcm"]  # DICOM inputs only
+    assert capsys.readouterr().err.count("warning:") == 2  # both far too small for mammograms
+
+
+def with_frame_of_reference(path: Path) -> None:
+    """The spatial attributes of a modern mammogram (the scanned CBIS-DDSM films have none)."""
+    ds = pydicom.dcmread(path)
+    ds.FrameOfReferenceUID, ds.PixelSpacing, ds.BodyPartThickness = generate_uid(), [0.05] * 2, 45
+    ds.save_as(path)
+
+
+def test_dicom_seg_matches_the_mask_png_and_references_its_source(checkpoints, tmp_path):
+    sources = {"plain": tmp_path / "plain.dcm", "referenced": tmp_path / "referenced.dcm"}
+    for seed, path in enumerate(sources.values()):
+        write_dicom(path, mammogram(200, 120, bool(seed), seed), patient_id=f"P_{seed}",
+                    series_description="full mammogram images")
+    with_frame_of_reference(sources["referenced"])
+    out = tmp_path / "out"
+    assert run(checkpoints["patchwork"], out, *sources.values(), extra=("--min-area", "1")) == 0
+    digest = hashlib.sha256(checkpoints["patchwork"].read_bytes()).hexdigest()
+    for name, path in sources.items():
+        source = pydicom.dcmread(path)
+        mask = cv2.imread(str(out / f"{name}_mask.png"), cv2.IMREAD_UNCHANGED)
+        classes = [int(c) for c in np.unique(mask) if c]
+        assert len(classes) >= 2
+        ds = pydicom.dcmread(out / f"{name}_seg.dcm")
+        assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        [series] = ds.ReferencedSeriesSequence
+        assert series.SeriesInstanceUID == source.SeriesInstanceUID
+        assert series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+            source.SOPInstanceUID
+        assert ds.get("FrameOfReferenceUID") == source.get("FrameOfReferenceUID")
+        if name == "referenced":
+            measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            assert list(measures.PixelSpacing) == [0.05, 0.05]
+            assert measures.SliceThickness == 45  # the compressed breast
+        # One segment per class found, coded, with the checkpoint's identity.
+        segments = ds.SegmentSequence
+        assert [s.SegmentLabel for s in segments] == [dicom_seg.SEGMENTS[c][0] for c in classes]
+        for segment, cls in zip(segments, classes, strict=True):
+            _, property_type, modifier = dicom_seg.SEGMENTS[cls]
+            coded = segment.SegmentedPropertyTypeCodeSequence[0]
+            assert coded.CodeValue == property_type.value
+            assert coded.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == modifier.value
+            assert segment.SegmentAlgorithmType == "AUTOMATIC"
+            algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+            assert algorithm.AlgorithmVersion == f"sha256:{digest[:16]}"
+            assert algorithm.AlgorithmName == "DeepLabV3+ resnet18 CBIS-DDSM"
+        # The frames, read by pydicom and by highdicom, are the PNG mask's classes.
+        numbers = [f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+                   for f in ds.PerFrameFunctionalGroupsSequence]
+        for frame, number in zip(ds.pixel_array.reshape(-1, *mask.shape), numbers, strict=True):
+            np.testing.assert_array_equal(frame, mask == classes[number - 1])
+        seg = hd.seg.segread(out / f"{name}_seg.dcm")
+        assert seg.get_source_image_uids() == [
+            (source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID)]
+        pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID])
+        assert pixels.shape == (1, *mask.shape, len(classes))
+        for k, cls in enumerate(classes):
+            np.testing.assert_array_equal(pixels[0, ..., k], mask == cls)
+    # Nothing found: no Segmentation (it needs a segment), and none left from the last run.
+    assert run(checkpoints["background"], out, sources["plain"]) == 0
+    assert not (out / "plain_seg.dcm").exists() and (out / "referenced_seg.dcm").exists()
+    assert not cv2.imread(str(out / "plain_mask.png"), cv2.IMREAD_UNCHANGED).any()
+
+
+def test_tcia_case_tree_skips_roi_masks_and_crops_and_warns_on_small_images(checkpoints,
+                                                                         tmp_path, capsys):
+    case = tmp_path / "CBIS-DDSM" / "Mass-Training_P_00001_LEFT_CC"
+    roi = case.parent / "Mass-Training_P_00001_LEFT_CC_1" / "07-21-2016-DDSM-1"
+    full = case / "07-20-2016-DDSM-1" / "1.000000-full mammogram images-1" / "1-1.dcm"
+    image = mammogram(1100, 660, False, 7)
+    write_dicom(full, image, patient_id=case.name, series_description="full mammogram images")
+    lesion = np.zeros(image.shape, np.uint8)
+    lesion[500:560, 200:260] = 255
+    files = {"crop": roi / "1.000000-ROI mask images-2" / "1-1.dcm",
+             "mask": roi / "1.000000-ROI mask images-2" / "1-2.dcm",
+             "quirky mask": roi / "1.000000-ROI mask images-3" / "1-1.dcm"}
+    write_dicom(files["crop"], image[500:560, 200:260], patient_id=roi.parent.name,
+                series_description="cropped images")
+    write_dicom(files["mask"], lesion, patient_id=roi.parent.name,
+                series_description="ROI mask images")
+    write_dicom(files["quirky mask"], lesion, patient_id="P_00001_LEFT_CC_1.dcm",
+                series_description=None)
+    small = tmp_path / "small.png"
+    cv2.imwrite(str(small), mammogram(200, 120, True, 8))
+    out = tmp_path / "out"
+    assert run(checkpoints["mass"], out, tmp_path / "CBIS-DDSM", small) == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 3
+    assert str(files["crop"]) in skipped[0] and "'cropped images'" in skipped[0]
+    assert str(files["mask"]) in skipped[1] and "'ROI mask images'" in skipped[1]
+    assert str(files["quirky mask"]) in skipped[2] and "like an ROI mask" in skipped[2]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and str(small) in warnings[0]
+    assert "2 of 5 images" in captured.out and "3 skipped" in captured.out
+    assert set(read_outputs(out)) == {str(full), str(small)}
 
 
 class MassOnTheLeft(torch.nn.Module):

@@ -216,6 +216,45 @@ def test_cli_refuses_existing_tree_unless_overwrite(tmp_path, capsys):
     assert synthetic.main([*args, "--overwrite"]) == 0
 
 
+def test_kaggle_layout_has_the_copys_files_and_quirks(kaggle_root):
+    info = pd.read_csv(kaggle_root / "csv" / "dicom_info.csv", dtype=str, keep_default_na=False)
+    assert {p.name for p in (kaggle_root / "csv").iterdir()} >= {*CSV_NAMES, "meta.csv"}
+    files = sorted((kaggle_root / "jpeg").rglob("*"))
+    jpegs = [p.relative_to(kaggle_root).as_posix() for p in files if p.is_file()]
+    assert sorted("CBIS-DDSM/" + path for path in jpegs) == sorted(info["image_path"])
+    info["pixels"] = [cv2.imread(str(kaggle_root / p.split("/", 1)[1]), cv2.IMREAD_UNCHANGED)
+                      for p in info["image_path"]]
+    info["folder"] = info["image_path"].str.split("/").str[2]
+    info["prefix"] = info["image_path"].str.rsplit("/", n=1).str[1].str[0]
+    assert info["image_path"].str.fullmatch(r"CBIS-DDSM/jpeg/[\d.]+/[12]-\d+\.jpg").all()
+    for row in info.itertuples():
+        assert row.pixels.dtype == np.uint8
+        assert row.pixels.shape == (int(row.Rows), int(row.Columns))
+        assert row.folder == row.SeriesInstanceUID
+    masks = info[info["SeriesDescription"].isin(["ROI mask images", ""])]
+    # Non-binary JPEG masks, whose lesion a threshold at 127 recovers.
+    assert all(len(np.unique(m)) > 2 and ((m > 127) == (m > 30)).mean() > 0.99
+               for m in masks["pixels"])
+    # In a crop+mask folder the mask is 1- in some folders and 2- in others.
+    shared = info.groupby("folder")["folder"].transform("size") == 2
+    assert set(masks.loc[shared, "prefix"]) == {"1", "2"} and (~shared[masks.index]).any()
+    quirky = masks[masks["SeriesDescription"] == ""]
+    assert len(quirky) and quirky["PatientID"].str.fullmatch(
+        r"P_\d{5}_(LEFT|RIGHT)_(CC|MLO)_\d+\.dcm").all()
+    full = info[info["SeriesDescription"] == "full mammogram images"]
+    assert {(int(r), int(c)) for r, c in zip(full["Rows"], full["Columns"], strict=True)} == {
+        (240, 150)}
+    assert (masks["Rows"] != "240").sum() == 1  # the mask of another size
+    # The description CSVs' third path part names the JPEG folders; one ROI's are missing.
+    rows = pd.concat([pd.read_csv(kaggle_root / "csv" / name) for name in CSV_NAMES])
+    folders = {column: rows[column].str.split("/").str[2] for column in
+               ("image file path", "cropped image file path", "ROI mask file path")}
+    assert set(info["folder"]) <= set(pd.concat(folders.values()))
+    written = {column: named.isin(info["folder"]) for column, named in folders.items()}
+    assert written["image file path"].all() and (~written["ROI mask file path"]).sum() == 1
+    assert (written["ROI mask file path"] == written["cropped image file path"]).all()
+
+
 # The realistic profile: calibration to the real CBIS-DDSM (synthetic.py's docstring).
 
 REALISTIC_SIZES = ((320, 190), (640, 380))

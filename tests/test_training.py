@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,10 +20,11 @@ from torch.utils.data import default_collate
 import evaluation
 import metrics
 import training
+import utils
 from dataset import MammogramDataset, normalize_input, unit_range
 from tests import ddp_probe
 from tests.conftest import train_args
-from utils import CheckpointError, derive_seed, load_checkpoint
+from utils import CheckpointError, StepLog, TeeStdout, derive_seed, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +47,77 @@ def test_training_lowers_the_loss_and_logs_every_epoch(trained_run):
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
     dice = log[["dice_benign", "dice_mass", "dice_calc", "mean_fg_dice"]].to_numpy()
     assert ((dice >= 0) & (dice <= 1)).all()
+
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  "
+
+
+def test_train_log_has_the_screen_lines_timestamped_with_step_timings(trained_run):
+    lines = (trained_run / "train.log").read_text().splitlines()
+    assert all(re.match(STAMP, line) for line in lines)
+    text = [line[21:] for line in lines]
+    assert text[0].startswith("train: preprocessed") or text[0].startswith("training resnet18")
+    assert len([t for t in text if re.match(r"epoch \d/4  train loss .* val Dice", t)]) == 4
+    # --log-every 50 is more than an epoch's steps: one line at each epoch's last step.
+    steps = [t for t in text if re.match(r"epoch \d/4 step (\d+)/\1  ", t)]
+    assert len(steps) == 4
+    for t in steps:
+        assert re.search(r"  data \d+\.\d{3} s  step \d+\.\d{3} s  [\d.]+ img/s  "
+                         r"eta \d+:\d\d:\d\d  peak RSS \d+ MB$", t), t
+    assert (trained_run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tee_stdout_copies_every_screen_line_with_a_timestamp(tmp_path, capsys):
+    log = tmp_path / "train.log"
+    with TeeStdout() as tee:
+        print("before the run folder is ready")
+        tee.open(log)
+        print("in", "two parts")
+        sys.stdout.write("no newline")
+    print("after")
+    assert capsys.readouterr().out == ("before the run folder is ready\nin two parts\n"
+                                       "no newlineafter\n")
+    lines = log.read_text().splitlines()
+    assert [line[21:] for line in lines] == ["before the run folder is ready", "in two parts",
+                                             "no newline"]
+    assert all(re.match(STAMP, line) for line in lines)
+    with TeeStdout() as tee:  # a run that fails before its folder is ready: no file
+        print("cache build failed")
+    with TeeStdout(enabled=False) as tee:
+        print("not logged")
+        tee.open(log)
+    assert len(log.read_text().splitlines()) == 3
+
+
+def test_step_log_times_data_and_steps_and_counts_validation_in_the_eta(monkeypatch, capsys):
+    """A fake clock: each batch takes 1 s to load and 3 s to train; validation 10 s."""
+    now = [0.0]
+    monkeypatch.setattr(utils, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class Loader:
+        def __len__(self):
+            return 5
+
+        def __iter__(self):
+            for batch in range(5):
+                now[0] += 1
+                yield batch
+
+    log = StepLog(Loader(), every=2, epochs=4, start_epoch=0, images_per_step=4,
+                  device=torch.device("cpu"))
+    for _ in range(2):
+        for _ in log:
+            now[0] += 3
+        now[0] += 15  # validation and checkpoint
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        "epoch 1/4 step 2/5", "epoch 1/4 step 4/5", "epoch 1/4 step 5/5",
+        "epoch 2/4 step 2/5", "epoch 2/4 step 4/5", "epoch 2/4 step 5/5"]
+    assert all("data 1.000 s  step 3.000 s  1.0 img/s" in line for line in lines)
+    # Epoch 1 knows only its steps (4 s each, 20 s an epoch); epoch 2 counts each later epoch
+    # at the whole 35 s the first one took.
+    assert [line.split("eta ")[1].split()[0] for line in lines] == [
+        "0:01:12", "0:01:04", "0:01:00", "0:01:22", "0:01:14", "0:01:10"]
 
 
 def test_checkpoint_holds_everything_to_continue(trained_run):
@@ -196,6 +270,20 @@ def test_test_script_writes_every_metric_in_range(trained_run, csv_dir, tmp_path
     for name in ("froc.png", "roc.png", "confusion_matrix.png", "training_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "overlays").glob("*.png"))) == 2
+
+
+def test_kaggle_jpeg_copy_trains_and_tests_end_to_end(kaggle_csv_dir, tmp_path):
+    run = tmp_path / "run"
+    run_training(train_args(kaggle_csv_dir, run, "--epochs", "1"))
+    argv = ["--checkpoint", str(run / "checkpoint" / "last.pth"), "--csv",
+            str(kaggle_csv_dir / "test.csv"), "--out", str(tmp_path / "results"), "--cache-dir",
+            str(tmp_path / "cache"), "--workers", "0", "--bootstrap", "20", "--overlays", "1",
+            "--no-progress"]
+    assert evaluation.main(argv) == 0
+    results = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    rows = pd.read_csv(kaggle_csv_dir / "test.csv")
+    assert rows["img_path"].str.endswith(".jpg").all()
+    assert results["n_images"] == rows["img_path"].nunique() and results["n_lesions"] == len(rows)
 
 
 def test_test_script_clear_error_for_a_missing_checkpoint(tmp_path, capsys):
