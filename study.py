@@ -45,8 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="whole-image mode trains at native size / this (a real scan at 1024x640 is ~5x)")
     add("--patch-size", type=int, nargs=2, default=[192, 192], metavar=("H", "W"),
         help="patch mode: tile size at native resolution")
-    add("--whole-epochs", type=int, default=30, help="epochs of the whole-image run")
-    add("--patch-epochs", type=int, default=8, help="epochs of the patch run")
+    add("--whole-epochs", type=int, default=40, help="epochs of the whole-image run")
+    add("--patch-epochs", type=int, default=10, help="epochs of the patch run")
     add("--patches-per-image", type=int, default=8, help="patch mode: patches per image, epoch")
     add("--backbone", default="resnet18", help="encoder of both runs")
     add("--workers", type=int, default=2, help="DataLoader workers and cache builders")
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> str:
         "--out", str(data), "--profile", "realistic", "--patients", str(args.patients),
         "--size", str(height), str(width), "--seed", str(args.seed), "--overwrite", "--quiet"])
     timed(commands, "retrieval", "main_retrieval.py", main_retrieval.main, [
-        "--data-root", str(data), "--out-dir", str(csv_dir), "--val-fraction", "0.2"])
+        "--data-root", str(data), "--out-dir", str(csv_dir), "--val-fraction", "0.15"])
     common = ["--csv-dir", str(csv_dir), "--cache-dir", str(out / "cache"), "--backbone",
               args.backbone, "--decoder-channels", "64", "--batch-size", "8", "--lr", "1e-3",
               "--workers", str(args.workers), "--seed", str(args.seed), "--no-progress"]
