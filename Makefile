@@ -31,7 +31,7 @@ test: lint
 benchmark: $(VENV)/.installed
 	$(PY) benchmark.py --quick
 
-# The resolution study of README.md (realistic synthetic set; ~30 minutes on 2 CPU cores).
+# The resolution study of README.md (realistic synthetic set; 37 minutes on 2 CPU cores).
 study: $(VENV)/.installed
 	$(PY) study.py --out runs/study --overwrite
 

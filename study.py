@@ -1,7 +1,7 @@
 """The resolution study: whole-image training at a low resolution against patch training at the
 native resolution, on the realistic synthetic CBIS-DDSM, at about equal training time.
 
-    python study.py --out runs/study          # what `make study` runs (CPU: about 30 minutes)
+    python study.py --out runs/study          # what `make study` runs (2 CPU cores: 37 minutes)
 
 Steps: synthetic.py --profile realistic -> main_retrieval.py -> Train_deep_labv3+.py twice
 (whole image at 1/--downsample of the synthetic native size; patches at scale 1) -> the test
@@ -45,8 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="whole-image mode trains at native size / this (a real scan at 1024x640 is ~5x)")
     add("--patch-size", type=int, nargs=2, default=[192, 192], metavar=("H", "W"),
         help="patch mode: tile size at native resolution")
-    add("--whole-epochs", type=int, default=40, help="epochs of the whole-image run")
-    add("--patch-epochs", type=int, default=10, help="epochs of the patch run")
+    add("--whole-epochs", type=int, default=35, help="epochs of the whole-image run")
+    add("--patch-epochs", type=int, default=8, help="epochs of the patch run")
     add("--patches-per-image", type=int, default=8, help="patch mode: patches per image, epoch")
     add("--backbone", default="resnet18", help="encoder of both runs")
     add("--workers", type=int, default=2, help="DataLoader workers and cache builders")
