@@ -391,8 +391,14 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated on `device`, else this process's peak resident memory (MB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KB
+    try:  # Linux: the high-water mark of this process's own memory. ru_maxrss is not: a
+        # spawned process starts from its parent's peak (fork, then exec keeps it).
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status
+                        if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS: bytes
 
 
 def _duration(seconds: float) -> str:

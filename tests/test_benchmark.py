@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import torch
 
 import benchmark
+from utils import peak_memory_mb
 
 
 def test_benchmark_writes_the_three_ratios(tmp_path, capsys):
@@ -25,3 +31,14 @@ def test_benchmark_writes_the_three_ratios(tmp_path, capsys):
     assert results["settings"]["backbone"] == "resnet18"
     assert "model step" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # temporary data removed
+
+
+def test_peak_memory_of_a_spawned_process_is_its_own():
+    # ru_maxrss of a spawned process starts at its parent's peak: the sliding-window and
+    # model-step figures, each measured in a fresh process, would read 0 growth.
+    held = np.ones(2**30 // 8)  # 1 GiB, touched
+    parent = peak_memory_mb(torch.device("cpu"))
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        child = pool.submit(peak_memory_mb, torch.device("cpu")).result()
+    assert parent > 1024 and child < parent - 512, (parent, child)
+    del held
