@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= data/synthetic
-DEMO_FLAGS ?= --backbone resnet18 --decoder-channels 64 --size 256 160 --epochs 20 --batch-size 8 \
+DEMO_FLAGS ?= --backbone resnet18 --decoder-channels 64 --size 256 160 --epochs 30 --batch-size 8 \
               --lr 1e-3 --workers 2
 
 .PHONY: demo test lint benchmark study clean
