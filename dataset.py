@@ -30,27 +30,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import pydicom
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
-from main_retrieval import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
+from cbis import CSV_COLUMNS, NUM_CLASSES, SCHEMA_VERSION, SIDECAR_NAME
+from imaging import DatasetError, read_pixels
 from utils import atomic_write, clean_stale_tmp
 
 PREPROCESS_VERSION = 4  # 3: centre-aligned nearest for labels; 4: scale mode, split files
-NUM_CLASSES = 4
 # Inputs in [0, 1] are standardised with these before the model (see normalize_input).
 INPUT_MEAN, INPUT_STD = 0.45, 0.25
 # Resolution of the cache: a fixed (H, W) every breast crop is resized to (whole-image mode), or
 # a factor applied to the crop's own size, aspect kept (patch mode; 0.5 = half of native).
 Resolution = tuple[int, int] | float
 FOREGROUND_POINTS = 64  # lesion pixels remembered per class and mammogram, for patch centres
-
-
-class DatasetError(Exception):
-    """Input the dataset cannot use: the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -117,46 +112,6 @@ def group_mammograms(rows: pd.DataFrame) -> list[Mammogram]:
 
 
 # ----------------------------------------------------------------------------- preprocessing
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # decoded with OpenCV; any other file is DICOM
-
-
-def read_pixels(path: Path, label_map: bool = False) -> np.ndarray:
-    """The 2-D pixels of a DICOM, PNG or JPEG file (8 or 16 bit; colour turned grey), bright =
-    dense; errors name the file. Every later step windows 8-bit input like 16-bit.
-
-    label_map: a mask, whose values are labels, not intensities: never inverted.
-    """
-    if not path.is_file():
-        raise DatasetError(f"no file {path}: if the data folder moved, pass --data-root with "
-                           "its new place")
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        level = cv2.getLogLevel()
-        cv2.setLogLevel(0)  # the reason goes into our one-line error, not OpenCV's log lines
-        try:
-            data = np.fromfile(path, np.uint8)
-            pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-        except (OSError, cv2.error) as error:
-            raise DatasetError(f"cannot read image {path}: {error}") from error
-        finally:
-            cv2.setLogLevel(level)
-        if pixels is None:
-            raise DatasetError(f"cannot read image {path}: not a PNG or JPEG image, or damaged")
-        if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
-            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY if pixels.shape[2] == 3
-                                  else cv2.COLOR_BGRA2GRAY)
-    else:
-        try:
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array
-        except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged file
-            raise DatasetError(f"cannot read DICOM {path}: {error}") from error
-        if not label_map and ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            pixels = pixels.max() - pixels
-    if pixels.ndim != 2:
-        raise DatasetError(f"{path} is not a single grayscale image (pixels {pixels.shape})")
-    return pixels
 
 
 def read_roi_masks(mammogram: Mammogram, data_root: Path,

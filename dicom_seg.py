@@ -26,12 +26,12 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from report import CLASS_COLOURS
+from cbis import BENIGN, CALC, CLASS_COLOURS, MASS
 
 SEGMENTS = {  # class id -> (label, segmented property type, its modifier)
-    1: ("benign lesion", codes.SCT.Lesion, codes.SCT.Benign),
-    2: ("malignant mass", codes.SCT.Mass, codes.SCT.Malignant),
-    3: ("malignant calcification", codes.SCT.CalcificationCluster, codes.SCT.Malignant),
+    BENIGN: ("benign lesion", codes.SCT.Lesion, codes.SCT.Benign),
+    MASS: ("malignant mass", codes.SCT.Mass, codes.SCT.Malignant),
+    CALC: ("malignant calcification", codes.SCT.CalcificationCluster, codes.SCT.Malignant),
 }
 # Type 2 attributes highdicom copies from the source: anonymised files may lack them.
 PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
@@ -92,7 +92,7 @@ def encode_dicom_seg(source: Path, mask: np.ndarray, algorithm: SegAlgorithm) ->
             segmented_property_type=property_type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification, anatomic_regions=[codes.SCT.Breast],
-            display_color=hd.color.CIELabColor.from_rgb(*CLASS_COLOURS[cls].tolist()))
+            display_color=hd.color.CIELabColor.from_rgb(*CLASS_COLOURS[cls]))
         # highdicom has no argument for it: benign or malignant is the type's modifier.
         property_type_item = description.SegmentedPropertyTypeCodeSequence[0]
         property_type_item.SegmentedPropertyTypeModifierCodeSequence = [

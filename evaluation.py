@@ -26,17 +26,16 @@ from tqdm import tqdm
 
 import metrics
 import report
+from cbis import CLASS_NAMES, image_folder_name
 from dataset import (
     PREPROCESS_VERSION,
-    DatasetError,
     MammogramDataset,
     merge_masks,
     read_roi_masks,
     unit_range,
 )
+from imaging import DatasetError
 from inference import predict_at_original, predict_probabilities, resolution_of
-from main_retrieval import FOLDER_RE
-from metrics import CLASS_NAMES
 from model import build_model
 from utils import (
     CheckpointError,
@@ -145,12 +144,6 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dic
         raise CheckpointError(f"{path} does not fit a {config['backbone']} DeepLabV3+ with "
                               f"{config['num_classes']} classes: {error}") from error
     return model.to(device).eval(), config
-
-
-def image_folder_name(img_path: str) -> str:
-    """The CBIS-DDSM folder of a mammogram (e.g. Mass-Test_P_00016_LEFT_CC), else its path."""
-    parts = Path(img_path).parts
-    return next((p for p in parts if FOLDER_RE.match(p)), "__".join(parts))
 
 
 # ----------------------------------------------------------------------------- per image

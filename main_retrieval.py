@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -29,18 +28,20 @@ import pandas as pd
 import pydicom
 from tqdm import tqdm
 
-from metrics import CLASS_NAMES
+from cbis import (
+    BENIGN_PATHOLOGIES,
+    CLASS_NAMES,
+    CSV_COLUMNS,
+    FOLDER_RE,
+    MALIGNANT_PATHOLOGY,
+    SCHEMA_VERSION,
+    SIDECAR_NAME,
+    class_id,
+    sposso_label,
+)
+from imaging import DatasetError, kind_from_description, looks_like_mask, read_pixels
 from utils import DiskFullError, atomic_write_all, clean_stale_tmp
 
-SCHEMA_VERSION = 1
-CSV_COLUMNS = [
-    # The first three keep the names and meaning of the sposso CBIS-DDSM-DATASET CSVs.
-    "img_path", "roi_path", "label",
-    "class_id", "patient_id", "side", "view", "abnormality_id", "abnormality_type",
-    "pathology", "assessment", "subtlety", "breast_density", "split",
-    "collection", "crop_path",
-]  # fmt: skip
-SIDECAR_NAME = "dataset.json"
 REPORT_NAME = "retrieval_report.json"
 BUNDLED_METADATA = Path(__file__).resolve().parent / "metadata"
 DESCRIPTION_FILES = {
@@ -54,11 +55,6 @@ DESCRIPTION_COLUMNS = [
     "abnormality type", "assessment", "pathology", "subtlety", "image file path",
     "cropped image file path", "ROI mask file path",
 ]  # fmt: skip
-FOLDER_RE = re.compile(
-    r"^(?P<collection>(?:Mass|Calc)-(?:Training|Test))_(?P<patient>P_\d+)"
-    r"_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:_(?P<abnormality>\d+))?$"
-)
-BENIGN = ("BENIGN", "BENIGN_WITHOUT_CALLBACK")
 HEADER_TAGS = ["SeriesDescription", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
                "NumberOfFrames", "PixelData"]
 PIXEL_DATA = 0x7FE00010
@@ -70,18 +66,6 @@ KAGGLE_SUFFIX = ".jpg"  # every image of the copy
 
 class RetrievalError(Exception):
     """A problem the user has to fix; main() prints it on one line."""
-
-
-def class_id(abnormality_type: str, pathology: str) -> int:
-    """Contract class: 1 benign, 2 malignant mass, 3 malignant calcification."""
-    if pathology in BENIGN:
-        return 1
-    return 2 if abnormality_type == "mass" else 3
-
-
-def sposso_label(abnormality_type: str, pathology: str) -> int:
-    """The sposso CSVs' label: 1 calc malignant, 2 calc benign, 3 mass malignant, 4 mass benign."""
-    return (1 if abnormality_type == "calcification" else 3) + (pathology in BENIGN)
 
 
 # ----------------------------------------------------------------------------- description CSVs
@@ -188,17 +172,6 @@ def scan_tree(series_root: Path) -> dict[str, list[Path]]:
     return folders
 
 
-def kind_from_description(description: str) -> str | None:
-    text = description.lower()
-    if "mask" in text:
-        return "mask"
-    if "crop" in text:
-        return "crop"
-    if "full" in text:
-        return "full"
-    return None
-
-
 def read_info(path: Path) -> ImageInfo | None:
     """Header facts needed for pairing, or None when the file is not readable DICOM."""
     try:
@@ -279,9 +252,6 @@ def kaggle_tree(data_root: Path) -> Tree:
 
 
 def _read_pixels(path: Path) -> np.ndarray | None:
-    # dataset.py imports this module: import its reader here, not at the top.
-    from dataset import DatasetError, read_pixels
-
     try:
         return read_pixels(path, label_map=True)
     except DatasetError:
@@ -292,14 +262,6 @@ def info_from_pixels(path: Path) -> ImageInfo | None:
     """The size of an image no header describes (decoded), or None when unreadable."""
     pixels = _read_pixels(path)
     return None if pixels is None else ImageInfo(path, None, *pixels.shape)
-
-
-def looks_like_mask(pixels: np.ndarray) -> bool:
-    """Nearly every pixel at the darkest or the brightest level (JPEG turns a mask's 0 and 255
-    into a dozen grey levels near its edges); a crop or a mammogram spreads over many levels."""
-    low, high = float(pixels.min()), float(pixels.max())
-    band = 0.1 * (high - low)
-    return bool(((pixels <= low + band) | (pixels >= high - band)).mean() >= 0.9)
 
 
 def kind_from_size_or_content(info: ImageInfo, full: ImageInfo) -> str | None:
@@ -352,7 +314,7 @@ def pair_abnormalities(
             skipped.append({**where, "reason": DUPLICATE})
             continue
         seen.add(roi_folder)
-        if fields["pathology"] not in ("MALIGNANT", *BENIGN):
+        if fields["pathology"] not in (MALIGNANT_PATHOLOGY, *BENIGN_PATHOLOGIES):
             skipped.append({**where, "reason": f"unknown pathology {fields['pathology']!r}"})
             continue
         if image_folder not in full_cache:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-CLASS_NAMES = ("background", "benign", "mass", "calc")
 # Predicted components smaller than this (original pixels) are no lesion: evaluation scores and
 # predict.py ships the same detector (see drop_small_lesions).
 MIN_LESION_AREA = 16

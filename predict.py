@@ -42,19 +42,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dataset import (
+from cbis import CLASS_COLOURS, CLASS_NAMES, image_folder_name
+from dataset import prepare_image, scale_intensities
+from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
+from evaluation import load_trained_model, resolve_checkpoint
+from imaging import (
     IMAGE_SUFFIXES,
     DatasetError,
-    prepare_image,
+    is_dicom,
+    kind_from_description,
+    looks_like_mask,
     read_pixels,
-    scale_intensities,
 )
-from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
-from evaluation import image_folder_name, load_trained_model, resolve_checkpoint
 from inference import predict_at_original, predict_probabilities, resolution_of
-from main_retrieval import kind_from_description, looks_like_mask
-from metrics import CLASS_NAMES, MIN_LESION_AREA, drop_small_lesions
-from report import CLASS_COLOURS, overlay_panel
+from metrics import MIN_LESION_AREA, drop_small_lesions
+from report import overlay_panel
 from utils import (
     CheckpointError,
     HelpFormatter,
@@ -149,17 +151,8 @@ def output_names(files: list[Path], roots: list[Path]) -> list[str]:
     return names
 
 
-def is_dicom(path: Path) -> bool:
-    """Whether a file starts with the DICOM preamble ('DICM' after 128 bytes), whatever its name."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
 def load_image(path: Path) -> np.ndarray:
-    """The 2-D grayscale pixels of a DICOM, PNG or JPEG (see dataset.read_pixels).
+    """The 2-D grayscale pixels of a DICOM, PNG or JPEG (see imaging.read_pixels).
 
     Raises DatasetError naming the file and the reason for an unreadable file, an ROI mask or
     a cropped image (by its DICOM SeriesDescription; where none says what the file is, a mask
@@ -249,7 +242,7 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
     for lesion in lesions:  # boxes keep lesions too small to survive the downscale visible
         x0, y0, x1, y1 = (round(v * scale) for v in lesion["bbox"])
         cv2.rectangle(panel, (offset + x0, y0), (offset + max(x0, x1 - 1), max(y0, y1 - 1)),
-                      CLASS_COLOURS[lesion["class_id"]].tolist(), 1)
+                      CLASS_COLOURS[lesion["class_id"]], 1)
     overlay = out / f"{item.name}_overlay.png"
     files[overlay] = _encode_png(overlay, cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 

@@ -10,14 +10,14 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
+import cbis
 from utils import atomic_write
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 FROC_XLIM = (0.01, 8.0)  # false positives per image shown on the FROC plot
-# One colour per class (RGB): background, benign green, malignant mass red, malignant calc yellow.
-CLASS_COLOURS = np.array([[0, 0, 0], [40, 200, 60], [230, 40, 40], [250, 210, 30]], np.uint8)
+CLASS_COLOURS = np.array(cbis.CLASS_COLOURS, np.uint8)  # indexed by a class map
 
 
 def _value(entry: dict) -> str:

@@ -27,7 +27,7 @@ import evaluation
 import main_retrieval
 import synthetic
 import training
-from metrics import CLASS_NAMES
+from cbis import CLASS_NAMES
 from utils import HelpFormatter
 
 FP_RATES_SHOWN = (0.5, 1, 2)

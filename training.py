@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import metrics
+from cbis import CLASS_NAMES
 from dataset import (
     NUM_CLASSES,
     PREPROCESS_VERSION,
@@ -42,7 +43,6 @@ from dataset import (
     unit_range,
 )
 from inference import predict_logits, resolution_of
-from metrics import CLASS_NAMES
 from model import SUPPORTED_BACKBONES, build_model
 from report import plot_training_curves
 from utils import (

@@ -29,7 +29,8 @@ import model
 import predict
 import training
 import utils
-from dataset import DatasetError, MammogramDataset, read_pixels, read_split_csv
+from dataset import MammogramDataset, read_split_csv
+from imaging import DatasetError, read_pixels
 from main_retrieval import DESCRIPTION_FILES
 from synthetic import write_dicom
 from tests.conftest import SIZE

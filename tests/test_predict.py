@@ -18,7 +18,7 @@ import dataset
 import dicom_seg
 import model
 import predict
-from metrics import CLASS_NAMES
+from cbis import CLASS_NAMES
 from synthetic import write_dicom
 
 LESION_KEYS = {"class", "class_id", "score", "bbox", "area", "centroid"}

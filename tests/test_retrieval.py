@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 import main_retrieval
-from main_retrieval import CSV_COLUMNS, DESCRIPTION_FILES, load_descriptions, retrieve
+from cbis import CSV_COLUMNS
+from main_retrieval import DESCRIPTION_FILES, load_descriptions, retrieve
 from synthetic import write_dicom
 
 REAL_METADATA = main_retrieval.BUNDLED_METADATA
