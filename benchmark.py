@@ -40,18 +40,14 @@ from torch.utils.data import ConcatDataset, Subset
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 import training
-from dataset import (
-    NUM_CLASSES,
-    Mammogram,
-    MammogramDataset,
-    PreprocessCache,
-    augment_batch,
-    group_mammograms,
-)
+from augmentation import augment_batch
+from cbis import NUM_CLASSES
+from dataset import MammogramDataset, group_mammograms
 from inference import predict_at_original, predict_image
 from main_retrieval import retrieve
 from model import SUPPORTED_BACKBONES, build_model
 from predict import load_image
+from preprocessing import Mammogram, PreprocessCache
 from synthetic import make_synthetic_dataset
 from utils import (
     DistInfo,

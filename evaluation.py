@@ -26,17 +26,13 @@ from tqdm import tqdm
 
 import metrics
 import report
+from augmentation import unit_range
 from cbis import CLASS_NAMES, image_folder_name
-from dataset import (
-    PREPROCESS_VERSION,
-    MammogramDataset,
-    merge_masks,
-    read_roi_masks,
-    unit_range,
-)
+from dataset import MammogramDataset
 from imaging import DatasetError
 from inference import predict_at_original, predict_probabilities, resolution_of
 from model import build_model
+from preprocessing import PREPROCESS_VERSION, merge_masks, read_roi_masks
 from utils import (
     CheckpointError,
     HelpFormatter,

@@ -15,7 +15,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from dataset import Resolution, normalize_input, prepare_image, restore_to_original, unit_range
+from augmentation import normalize_input, unit_range
+from preprocessing import Resolution, prepare_image, restore_to_original
 from utils import autocast_for
 
 

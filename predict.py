@@ -43,7 +43,6 @@ from torch import nn
 from tqdm import tqdm
 
 from cbis import CLASS_COLOURS, CLASS_NAMES, image_folder_name
-from dataset import prepare_image, scale_intensities
 from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
 from evaluation import load_trained_model, resolve_checkpoint
 from imaging import (
@@ -56,6 +55,7 @@ from imaging import (
 )
 from inference import predict_at_original, predict_probabilities, resolution_of
 from metrics import MIN_LESION_AREA, drop_small_lesions
+from preprocessing import prepare_image, scale_intensities
 from report import overlay_panel
 from utils import (
     CheckpointError,

@@ -29,21 +29,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import metrics
-from cbis import CLASS_NAMES
-from dataset import (
-    NUM_CLASSES,
-    PREPROCESS_VERSION,
-    DatasetError,
-    EpochSampler,
-    MammogramDataset,
-    PatchDataset,
-    augment_batch,
-    normalize_input,
-    read_split_csv,
-    unit_range,
-)
+from augmentation import augment_batch, normalize_input, unit_range
+from cbis import CLASS_NAMES, NUM_CLASSES
+from dataset import EpochSampler, MammogramDataset, PatchDataset, read_split_csv
+from imaging import DatasetError
 from inference import predict_logits, resolution_of
 from model import SUPPORTED_BACKBONES, build_model
+from preprocessing import PREPROCESS_VERSION
 from report import plot_training_curves
 from utils import (
     CheckpointError,

@@ -1,4 +1,5 @@
-"""dataset.py: merged masks, the decode-once cache, defects, geometry and augmentation."""
+"""dataset.py, preprocessing.py and augmentation.py: merged masks, the decode-once cache, defects,
+geometry and augmentation."""
 
 from __future__ import annotations
 
@@ -12,20 +13,18 @@ import pandas as pd
 import pytest
 import torch
 
-import dataset
-from dataset import (
-    DatasetError,
-    MammogramDataset,
+import preprocessing
+from augmentation import augment_batch
+from dataset import MammogramDataset, group_mammograms, read_split_csv
+from imaging import DatasetError, read_pixels
+from inference import predict_at_original
+from preprocessing import (
     apply_geometry,
-    augment_batch,
-    group_mammograms,
     merge_masks,
     prepare_image,
     read_roi_masks,
-    read_split_csv,
     restore_to_original,
 )
-from inference import predict_at_original
 from synthetic import write_dicom
 from tests.conftest import SIZE
 
@@ -45,7 +44,7 @@ def test_every_roi_of_a_mammogram_is_in_its_one_target(csv_dir, tmp_path):
     mammograms = group_mammograms(rows)
     assert len(mammograms) == rows["img_path"].nunique()
     multi = next(m for m in mammograms if len(set(m.class_ids)) > 1)
-    masks, _ = read_roi_masks(multi, root, dataset.read_pixels(root / multi.img_path).shape)
+    masks, _ = read_roi_masks(multi, root, read_pixels(root / multi.img_path).shape)
     merged = merge_masks(masks, multi.class_ids)
     for roi, cls in zip(masks, multi.class_ids, strict=True):
         # Every lesion pixel keeps a lesion label: its own class or a higher overlapping one.
@@ -74,8 +73,8 @@ def test_view_in_both_collections_gets_the_rois_of_both():
 
 def test_cache_hit_means_no_second_decode(csv_dir, tmp_path, monkeypatch):
     decoded = []
-    real_read = dataset.read_pixels
-    monkeypatch.setattr(dataset, "read_pixels",
+    real_read = preprocessing.read_pixels
+    monkeypatch.setattr(preprocessing, "read_pixels",
                         lambda path, **kw: decoded.append(path) or real_read(path, **kw))
     data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE)
     first = [data[i] for i in range(len(data))]
@@ -110,7 +109,7 @@ def test_dicom_replaced_in_place_is_preprocessed_again(csv_dir, tmp_path):
     data, copy_root = _copy_of_val_set(csv_dir, tmp_path)
     assert data.prepare(progress=False).built == len(data)
     source = copy_root / data.mammograms[0].img_path
-    image = dataset.read_pixels(source)
+    image = read_pixels(source)
     write_dicom(source, (65535 - image).astype(np.uint16), patient_id="x",
                 series_description="full mammogram images")  # a corrected re-download
     again = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", SIZE,
@@ -150,11 +149,11 @@ def test_size_mismatched_mask_is_resized_and_counted(tmp_path):
     mask[5:10, 5:10] = 255
     write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
     write_dicom(tmp_path / "roi.dcm", mask, patient_id="x_1", series_description="ROI mask")
-    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (2,), "P_1", "Mass-Test")
+    mammogram = preprocessing.Mammogram("img.dcm", ("roi.dcm",), (2,), "P_1", "Mass-Test")
     masks, resized = read_roi_masks(mammogram, tmp_path, image.shape)
     assert resized == 1 and masks[0].shape == image.shape
     assert masks[0][10:20, 10:20].all() and masks[0].sum() == 100  # nearest: 2x in each axis
-    result = dataset.preprocess(mammogram, tmp_path, (32, 24))
+    result = preprocessing.preprocess(mammogram, tmp_path, (32, 24))
     assert result.meta["masks_resized"] == 1 and result.meta["rois_lost"] == 0
 
 
@@ -165,8 +164,8 @@ def test_roi_lost_in_the_downscale_is_counted(tmp_path):
     speck[101, 101] = 255  # one pixel: nearest neighbour at 1/10 scale misses it
     write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
     write_dicom(tmp_path / "roi.dcm", speck, patient_id="x_1", series_description="ROI mask")
-    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (3,), "P_1", "Calc-Test")
-    result = dataset.preprocess(mammogram, tmp_path, (36, 20))
+    mammogram = preprocessing.Mammogram("img.dcm", ("roi.dcm",), (3,), "P_1", "Calc-Test")
+    result = preprocessing.preprocess(mammogram, tmp_path, (36, 20))
     assert result.meta["rois_lost"] == 1 and not result.mask.any()
 
 
@@ -241,8 +240,8 @@ def test_exact_geometry_round_trip_off_centre_lesion_on_flipped_breast(tmp_path)
     lesion = ((yy - 310.3) ** 2 + (xx - (width - 170.6)) ** 2 < 40**2).astype(np.uint8) * 255
     write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
     write_dicom(tmp_path / "roi.dcm", lesion, patient_id="x_1", series_description="ROI mask")
-    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (3,), "P_1", "Calc-Test")
-    result = dataset.preprocess(mammogram, tmp_path, (256, 160))
+    mammogram = preprocessing.Mammogram("img.dcm", ("roi.dcm",), (3,), "P_1", "Calc-Test")
+    result = preprocessing.preprocess(mammogram, tmp_path, (256, 160))
     assert result.meta["flipped"] and result.mask.shape == (256, 160)
     assert set(np.unique(result.mask)) == {0, 3}  # labels resized as labels, not blended
     perfect = np.eye(4, dtype=np.float32)[result.mask].transpose(2, 0, 1)
@@ -263,7 +262,7 @@ def test_size_mismatched_mask_keeps_its_centre(tmp_path):
     small[30:51, 50:71] = 255
     write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
     write_dicom(tmp_path / "roi.dcm", small, patient_id="x_1", series_description="ROI mask")
-    mammogram = dataset.Mammogram("img.dcm", ("roi.dcm",), (2,), "P_1", "Mass-Test")
+    mammogram = preprocessing.Mammogram("img.dcm", ("roi.dcm",), (2,), "P_1", "Mass-Test")
     (mask,), resized = read_roi_masks(mammogram, tmp_path, image.shape)
     expected = [(40 + 0.5) * 230 / 200 - 0.5, (60 + 0.5) * 200 / 174 - 0.5]
     assert resized == 1 and np.abs(_centroid(mask) - expected).max() < 0.25
@@ -297,8 +296,8 @@ def test_kaggle_jpeg_copy_gives_the_same_targets_and_8_bit_images(csv_dir, kaggl
         pairs = zip(group_mammograms(dicom_rows), group_mammograms(jpeg_rows), strict=True)
         for dicom, jpeg in pairs:
             assert (dicom.patient_id, dicom.class_ids) == (jpeg.patient_id, jpeg.class_ids)
-            image16 = dataset.read_pixels(dicom_root / dicom.img_path).astype(float)
-            image8 = dataset.read_pixels(jpeg_root / jpeg.img_path)
+            image16 = read_pixels(dicom_root / dicom.img_path).astype(float)
+            image8 = read_pixels(jpeg_root / jpeg.img_path)
             assert image8.dtype == np.uint8 and image8.shape == image16.shape
             scaled = (image16 - image16.min()) / (image16.max() - image16.min()) * 255
             assert np.abs(image8 - scaled).mean() < 1.5
@@ -348,9 +347,9 @@ def test_preprocessed_mask_takes_the_label_at_each_pixel_centre(tmp_path):
     write_dicom(tmp_path / "img.dcm", image, patient_id="x", series_description="full")
     for name, roi in (("benign", benign), ("calc", calc)):
         write_dicom(tmp_path / f"{name}.dcm", roi, patient_id="x_1", series_description="ROI")
-    mammogram = dataset.Mammogram("img.dcm", ("benign.dcm", "calc.dcm"), (1, 3), "P_1",
+    mammogram = preprocessing.Mammogram("img.dcm", ("benign.dcm", "calc.dcm"), (1, 3), "P_1",
                                   "Calc-Test")
-    result = dataset.preprocess(mammogram, tmp_path, (61, 37))
+    result = preprocessing.preprocess(mammogram, tmp_path, (61, 37))
     assert result.meta["flipped"]
     y0, y1, x0, x1 = result.meta["box"]
     merged = np.maximum(benign // 255, 3 * (calc // 255))[y0:y1, x0:x1][:, ::-1]
@@ -373,5 +372,5 @@ def test_cache_is_rebuilt_for_another_size_or_preprocessing_version(csv_dir, tmp
     assert prepare((32, 24)) == (n, 0)  # another size: its own entries
     data = MammogramDataset.from_csv(csv_dir / "val.csv", tmp_path / "cache", (32, 24))
     assert data[0][0].shape == (1, 32, 24) and data[0][1].shape == (32, 24)
-    monkeypatch.setattr(dataset, "PREPROCESS_VERSION", dataset.PREPROCESS_VERSION + 1)
+    monkeypatch.setattr(preprocessing, "PREPROCESS_VERSION", preprocessing.PREPROCESS_VERSION + 1)
     assert prepare(SIZE) == (n, 0)  # new preprocessing code: nothing old is reused

@@ -22,11 +22,11 @@ import pydicom
 import pytest
 import torch
 
-import dataset
 import evaluation
 import main_retrieval
 import model
 import predict
+import preprocessing
 import training
 import utils
 from dataset import MammogramDataset, read_split_csv
@@ -535,9 +535,9 @@ def test_damaged_or_missing_dicoms_are_named(tmp_path):
     for name in ("corrupt.dcm", "truncated.dcm", "pixelless.dcm", "missing.dcm"):
         with pytest.raises(DatasetError, match=name):
             read_pixels(tmp_path / name)
-    no_mask = dataset.Mammogram("ok.dcm", ("missing_mask.dcm",), (1,), "P_1", "Mass-Test")
+    no_mask = preprocessing.Mammogram("ok.dcm", ("missing_mask.dcm",), (1,), "P_1", "Mass-Test")
     with pytest.raises(DatasetError, match="missing_mask.dcm"):
-        dataset.preprocess(no_mask, tmp_path, SIZE)
+        preprocessing.preprocess(no_mask, tmp_path, SIZE)
 
 
 def test_csvs_with_bom_and_blank_lines_read_alike(csv_dir, synthetic_root, tmp_path):

@@ -23,14 +23,9 @@ import evaluation
 import inference
 import predict
 import training
-from dataset import (
-    EpochSampler,
-    MammogramDataset,
-    PatchDataset,
-    _init_cache_worker,
-    read_pixels,
-    read_window,
-)
+from dataset import EpochSampler, MammogramDataset, PatchDataset, read_window
+from imaging import read_pixels
+from preprocessing import _init_cache_worker
 from synthetic import write_dicom
 from tests.conftest import train_args
 
@@ -168,7 +163,7 @@ import os, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 sys.path.insert(0, {repo!r})
-from dataset import _init_cache_worker
+from preprocessing import _init_cache_worker
 
 if __name__ == "__main__":
     pool = ProcessPoolExecutor(2, mp_context=get_context("spawn"), initializer=_init_cache_worker)

@@ -14,10 +14,11 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-import dataset
 import dicom_seg
+import imaging
 import model
 import predict
+import preprocessing
 from cbis import CLASS_NAMES
 from synthetic import write_dicom
 
@@ -41,7 +42,8 @@ def save_checkpoint(path: Path, kind: str) -> Path:
             net.classifier.weight.mul_(30)
     # net.config: backbone, classes, channels, stride... whatever build_model takes
     config = {**net.config, "size": [64, 48], "canonical_flip": True,
-              "preprocess_version": dataset.PREPROCESS_VERSION, "class_names": list(CLASS_NAMES)}
+              "preprocess_version": preprocessing.PREPROCESS_VERSION,
+              "class_names": list(CLASS_NAMES)}
     torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, path)
     return path
 
@@ -187,7 +189,7 @@ def test_collect_inputs_searches_folders_once_and_not_the_output_folder(inputs, 
     files = predict.collect_inputs([scans, inputs["left"], inputs["colour"]], exclude=out)
     assert set(files) == {inputs[k] for k in ("left", "right", "corrupt", "png16", "colour")}
     assert len(files) == 5
-    with pytest.raises(dataset.DatasetError, match="no file or folder"):
+    with pytest.raises(imaging.DatasetError, match="no file or folder"):
         predict.collect_inputs([tmp_path / "missing"])
 
 

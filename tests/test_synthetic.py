@@ -333,7 +333,7 @@ def test_realistic_box_heights_are_real_fractions_of_the_image_at_any_size(reali
 
 
 def test_realistic_masks_are_one_blob_each_and_inside_the_breast_crop(realistic):
-    from dataset import breast_region
+    from preprocessing import breast_region
 
     for m, image, masks, _ in realistic[REALISTIC_SIZES[1]]:
         (y0, y1, x0, x1), chest_wall_right = breast_region(image)

@@ -21,7 +21,8 @@ import evaluation
 import metrics
 import training
 import utils
-from dataset import MammogramDataset, normalize_input, unit_range
+from augmentation import normalize_input, unit_range
+from dataset import MammogramDataset
 from tests import ddp_probe
 from tests.conftest import train_args
 from utils import CheckpointError, StepLog, TeeStdout, derive_seed, load_checkpoint
