@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 from torchvision.models.segmentation import deeplabv3_resnet50
 
+import runs
 import training
 from augmentation import augment_batch
 from cbis import NUM_CLASSES
@@ -107,13 +108,13 @@ def first_batch(dataset: MammogramDataset, batch_size: int) -> tuple[torch.Tenso
 
 
 def training_args(settings: dict, augment: bool, workers: int) -> argparse.Namespace:
-    """A training.py flag namespace with the benchmark's settings."""
+    """A training flag namespace (runs.get_args_parser) with the benchmark's settings."""
     argv = ["--backbone", settings["backbone"], "--size", *map(str, settings["size"]),
             "--batch-size", str(settings["batch_size"]), "--amp", settings["amp"],
             "--workers", str(workers), "--seed", str(settings["seed"]), "--no-progress"]
     argv += ["--compile"] if settings["compile"] else []
     argv += [] if augment else ["--no-augment"]
-    return training.get_args_parser().parse_args(argv)
+    return runs.get_args_parser().parse_args(argv)
 
 
 class OurTrainer:
@@ -318,10 +319,10 @@ def time_end_to_end(dataset: MammogramDataset, device: torch.device, settings: d
 
 
 def patch_config(settings: dict) -> dict:
-    """A patch-mode checkpoint config as training.py writes it, for the benchmark's backbone."""
+    """A patch-mode checkpoint config as training writes it, for the benchmark's backbone."""
     argv = ["--backbone", settings["backbone"], "--patch-size",
             *map(str, settings["patch_size"]), "--scale", str(settings["patch_scale"])]
-    return training.model_config(training.get_args_parser().parse_args(argv))
+    return runs.model_config(runs.get_args_parser().parse_args(argv))
 
 
 def sliding_window_worker(image_path: Path, settings: dict) -> dict:
@@ -495,11 +496,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="timed rounds of each measurement; the fastest counts, being the least disturbed "
              "by other work on the machine [default: 3; --quick 2]")
     add("--workers", type=int, default=4,
-        help="DataLoader workers of the end-to-end run (training.py's default)")
+        help="DataLoader workers of the end-to-end run (the training script's default)")
     add("--patch-size", type=int, nargs=2, default=None, metavar=("H", "W"),
         help="sliding-window tile of the patch-mode figures [default: 512 512; quick 256 256]")
     add("--patch-scale", type=float, default=0.5,
-        help="cache scale of the patch-mode figures (training.py's --scale)")
+        help="cache scale of the patch-mode figures (the training script's --scale)")
     add("--work-dir", type=Path, default=None, metavar="DIR",
         help="where the temporary synthetic data and cache go; removed at the end "
              "[default: the system's temporary folder]")
@@ -523,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "device": str(device), "size": list(args.size), "batch_size": args.batch_size,
         "backbone": args.backbone,
-        # The width training.py builds by default: the benchmark measures what users train.
-        "decoder_channels": training.get_args_parser().get_default("decoder_channels"),
+        # The width training builds by default: the benchmark measures what users train.
+        "decoder_channels": runs.get_args_parser().get_default("decoder_channels"),
         "amp": args.amp, "amp_used": resolve_amp(args.amp, device),
         "compile": args.compile, "quick": args.quick,
         "dicom_size": None if args.data else list(args.dicom_size), "images": args.images,

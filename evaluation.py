@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -30,15 +28,19 @@ from augmentation import unit_range
 from cbis import CLASS_NAMES, image_folder_name
 from dataset import MammogramDataset
 from imaging import DatasetError
-from inference import predict_at_original, predict_probabilities, resolution_of
-from model import build_model
-from preprocessing import PREPROCESS_VERSION, merge_masks, read_roi_masks
+from inference import (
+    load_trained_model,
+    predict_at_original,
+    predict_probabilities,
+    resolution_of,
+    resolve_checkpoint,
+)
+from preprocessing import merge_masks, read_roi_masks
 from utils import (
     CheckpointError,
     HelpFormatter,
     UsageError,
     add_device_flags,
-    load_checkpoint,
     resolve_device,
 )
 
@@ -109,37 +111,6 @@ def prepare_results_folder(out: Path | None, checkpoint_path: Path) -> Path:
         print(f"cleared the previous evaluation's results from {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def resolve_checkpoint(name: str, checkpoint_dir: Path) -> Path:
-    path = Path(name)
-    if path.is_file():
-        return path
-    if (checkpoint_dir / name).is_file():
-        return checkpoint_dir / name
-    raise CheckpointError(f"no checkpoint {name!r} (looked in . and {checkpoint_dir}): "
-                          "pass a path or a file name inside --checkpoint-dir")
-
-
-def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The model a checkpoint describes, with its weights, in eval mode; and its config."""
-    checkpoint = load_checkpoint(path)
-    config = checkpoint["config"]
-    if config.get("preprocess_version") != PREPROCESS_VERSION:
-        raise CheckpointError(
-            f"{path} was trained on preprocessing version {config.get('preprocess_version')}, "
-            f"this code makes version {PREPROCESS_VERSION}: use the matching release")
-    model = build_model(config["backbone"], config["num_classes"], config["in_channels"],
-                        config["output_stride"], decoder_channels=config["decoder_channels"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit a {config['backbone']} DeepLabV3+ with "
-                              f"{config['num_classes']} classes: {error}") from error
-    return model.to(device).eval(), config
 
 
 # ----------------------------------------------------------------------------- per image

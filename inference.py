@@ -1,4 +1,5 @@
-"""One way to run a trained model over mammograms and map its output back to original pixels.
+"""One way to run a trained model over mammograms and map its output back to original pixels,
+and the checkpoint loading that gives that model.
 
 Whole-image checkpoints see the breast crop resized to their training size in one forward pass;
 patch checkpoints see the crop at their cache scale through a sliding window of their patch size
@@ -9,6 +10,8 @@ the model was trained with no extra flags.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
@@ -16,8 +19,9 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from augmentation import normalize_input, unit_range
-from preprocessing import Resolution, prepare_image, restore_to_original
-from utils import autocast_for
+from model import build_model
+from preprocessing import PREPROCESS_VERSION, Resolution, prepare_image, restore_to_original
+from utils import CheckpointError, autocast_for, load_checkpoint
 
 
 def resolution_of(config: dict) -> Resolution:
@@ -70,3 +74,35 @@ def predict_at_original(probs: np.ndarray, meta: dict) -> tuple[np.ndarray, np.n
                                    cv2.INTER_LINEAR)
     # Summed lesion classes, not 1 - p(background): outside the crop both are 0, not 1.
     return restored.argmax(-1).astype(np.uint8), restored[..., 1:].sum(-1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(name: str, checkpoint_dir: Path) -> Path:
+    """--checkpoint as a path, else as the name of a file inside --checkpoint-dir."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if (checkpoint_dir / name).is_file():
+        return checkpoint_dir / name
+    raise CheckpointError(f"no checkpoint {name!r} (looked in . and {checkpoint_dir}): "
+                          "pass a path or a file name inside --checkpoint-dir")
+
+
+def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The model a checkpoint describes, with its weights, in eval mode; and its config."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["config"]
+    if config.get("preprocess_version") != PREPROCESS_VERSION:
+        raise CheckpointError(
+            f"{path} was trained on preprocessing version {config.get('preprocess_version')}, "
+            f"this code makes version {PREPROCESS_VERSION}: use the matching release")
+    model = build_model(config["backbone"], config["num_classes"], config["in_channels"],
+                        config["output_stride"], decoder_channels=config["decoder_channels"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit a {config['backbone']} DeepLabV3+ with "
+                              f"{config['num_classes']} classes: {error}") from error
+    return model.to(device).eval(), config

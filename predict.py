@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 from cbis import CLASS_COLOURS, CLASS_NAMES, image_folder_name
 from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
-from evaluation import load_trained_model, resolve_checkpoint
 from imaging import (
     IMAGE_SUFFIXES,
     DatasetError,
@@ -53,7 +52,13 @@ from imaging import (
     looks_like_mask,
     read_pixels,
 )
-from inference import predict_at_original, predict_probabilities, resolution_of
+from inference import (
+    load_trained_model,
+    predict_at_original,
+    predict_probabilities,
+    resolution_of,
+    resolve_checkpoint,
+)
 from metrics import MIN_LESION_AREA, drop_small_lesions
 from preprocessing import prepare_image, scale_intensities
 from report import overlay_panel

@@ -23,10 +23,12 @@ import pytest
 import torch
 
 import evaluation
+import inference
 import main_retrieval
 import model
 import predict
 import preprocessing
+import runs
 import training
 import utils
 from dataset import MammogramDataset, read_split_csv
@@ -94,7 +96,7 @@ def run(small_csv, tmp_path_factory) -> SimpleNamespace:
     stale = folder / ".last.pth.k1ll3d_x.tmp"
     stale.write_bytes(b"half a checkpoint")
     calls = []
-    real_broadcast, real_evaluate = training.broadcast_buffers, training.evaluate
+    real_broadcast, real_validate = training.broadcast_buffers, training.validate
     real_save = training.save_checkpoint
 
     def save(state, path):
@@ -106,13 +108,13 @@ def run(small_csv, tmp_path_factory) -> SimpleNamespace:
         calls.append("broadcast")
         return real_broadcast(*args, **kwargs)
 
-    def evaluate(*args, **kwargs):
-        calls.append("evaluate")
-        return real_evaluate(*args, **kwargs)
+    def validate(*args, **kwargs):
+        calls.append("validate")
+        return real_validate(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "broadcast_buffers", broadcast)
-        patch.setattr(training, "evaluate", evaluate)
+        patch.setattr(training, "validate", validate)
         patch.setattr(training, "save_checkpoint", save)
         assert training.main(fast_args(small_csv, folder, base / "cache", "--epochs", "2")) == 0
     return SimpleNamespace(base=base, folder=folder, cache=base / "cache", csv=small_csv,
@@ -121,7 +123,7 @@ def run(small_csv, tmp_path_factory) -> SimpleNamespace:
 
 def resumed(argv: list[str]):
     """(args, checkpoint) as train() has them after --resume merged the saved flags."""
-    return training.resolve_resume(*training.parse_args(argv))
+    return runs.resolve_resume(*runs.parse_args(argv))
 
 
 def no_long_work(monkeypatch) -> None:
@@ -136,7 +138,7 @@ def no_long_work(monkeypatch) -> None:
 
 def test_f01_a_finished_runs_folder_is_never_written_without_resume(run, capsys, monkeypatch):
     def state() -> dict:
-        return {name: (run.folder / name).stat().st_mtime_ns for name in training.RUN_FILES}
+        return {name: (run.folder / name).stat().st_mtime_ns for name in runs.RUN_FILES}
 
     before = state()
     no_long_work(monkeypatch)
@@ -151,10 +153,10 @@ def test_f01_a_finished_runs_folder_is_never_written_without_resume(run, capsys,
 
     # --overwrite replaces the run: its files go when the new one starts.
     copy = clone_run(run.folder, run.base / "overwritten")
-    args, _ = training.parse_args(fast_args(run.csv, copy, run.cache, "--overwrite"))
-    training.validate_args(args)
-    training.prepare_run_folder(args)
-    assert not any((copy / name).exists() for name in training.RUN_FILES)
+    args, _ = runs.parse_args(fast_args(run.csv, copy, run.cache, "--overwrite"))
+    runs.validate_args(args)
+    runs.prepare_run_folder(args)
+    assert not any((copy / name).exists() for name in runs.RUN_FILES)
 
 
 def test_f02_resume_path_continues_in_its_own_folder(run, tmp_path, monkeypatch):
@@ -164,11 +166,11 @@ def test_f02_resume_path_continues_in_its_own_folder(run, tmp_path, monkeypatch)
     (other / "log.csv").write_text("epoch\n1\n")
     args, checkpoint = resumed(["--resume", str(run.folder / "last.pth"), "--epochs", "3"])
     assert args.checkpoint_dir == run.folder
-    training.validate_args(args, checkpoint)
+    runs.validate_args(args, checkpoint)
     args, checkpoint = resumed(["--resume", str(run.folder / "last.pth"), "--epochs", "3",
                                 "--checkpoint-dir", "checkpoint"])
     with pytest.raises(UsageError, match="holds another run.*leave --checkpoint-dir out"):
-        training.validate_args(args, checkpoint)
+        runs.validate_args(args, checkpoint)
 
 
 BAD_FLAGS = [
@@ -188,8 +190,8 @@ BAD_FLAGS = [
 def test_f03_every_flag_and_folder_is_checked_before_the_cache_build(run, tmp_path, capsys,
                                                                      monkeypatch):
     def check(*extra: str, folder: Path = tmp_path / "new", cache: Path = run.cache) -> None:
-        args, _ = training.parse_args(fast_args(run.csv, folder, cache, *extra))
-        training.validate_args(args)
+        args, _ = runs.parse_args(fast_args(run.csv, folder, cache, *extra))
+        runs.validate_args(args)
 
     for extra, named in BAD_FLAGS:
         with pytest.raises(UsageError, match=named):
@@ -240,8 +242,8 @@ def test_f04_resume_refuses_changed_train_val_rows(run, tmp_path):
     argv = ["--resume", str(run.folder / "last.pth"), "--epochs", "3", "--csv-dir", str(changed)]
     with pytest.raises(UsageError, match="differ from the ones this run started on.*"
                                          "--allow-changed-data"):
-        training.validate_args(*resumed(argv))
-    training.validate_args(*resumed([*argv, "--allow-changed-data"]))
+        runs.validate_args(*resumed(argv))
+    runs.validate_args(*resumed([*argv, "--allow-changed-data"]))
 
     moved = tmp_path / "moved"  # another data root: holds the first image only
     first = read_split_csv(run.csv / "train.csv")[0]["img_path"].iloc[0]
@@ -249,7 +251,7 @@ def test_f04_resume_refuses_changed_train_val_rows(run, tmp_path):
     shutil.copy(Path(data["data_root"]) / first, moved / first)
     argv = ["--resume", str(run.folder / "last.pth"), "--epochs", "3", "--data-root", str(moved)]
     with pytest.raises(UsageError, match="read its images from .*--allow-changed-data"):
-        training.validate_args(*resumed(argv))
+        runs.validate_args(*resumed(argv))
 
 
 def test_f07_resume_reuses_the_runs_cache(run, tmp_path, monkeypatch):
@@ -372,9 +374,9 @@ def test_f10_a_moved_data_root_points_at_data_root(small_csv, tmp_path):
     moved = copy_csvs(small_csv, tmp_path / "csv")
     sidecar = json.loads((moved / "dataset.json").read_text())
     (moved / "dataset.json").write_text(json.dumps({**sidecar, "data_root": str(tmp_path / "x")}))
-    args, _ = training.parse_args(fast_args(moved, tmp_path / "run", tmp_path / "cache"))
+    args, _ = runs.parse_args(fast_args(moved, tmp_path / "run", tmp_path / "cache"))
     with pytest.raises(UsageError, match="is missing: if the data moved.*pass --data-root"):
-        training.validate_args(args)
+        runs.validate_args(args)
     with pytest.raises(DatasetError, match="no file .*pass --data-root"):
         read_pixels(tmp_path / "x" / "1-1.dcm")
 
@@ -407,7 +409,7 @@ def test_f11_predict_writes_an_images_outputs_as_a_set(run, tmp_path, monkeypatc
     image = tmp_path / "in" / "scan.png"
     image.parent.mkdir()
     cv2.imwrite(str(image), mammogram(96, 64, chest_wall_right=False))
-    net, config = evaluation.load_trained_model(run.folder / "best.pth", torch.device("cpu"))
+    net, config = inference.load_trained_model(run.folder / "best.pth", torch.device("cpu"))
     out = tmp_path / "out"
     real_write = Path.write_bytes
     writes = []
@@ -441,7 +443,7 @@ def test_f12_written_files_follow_the_umask(run, tmp_path):
             os.umask(old)
         assert (tmp_path / f"{mask:o}.json").stat().st_mode & 0o777 == 0o666 & ~mask
     expected = 0o666 & ~utils.current_umask()
-    for name in training.RUN_FILES:
+    for name in runs.RUN_FILES:
         assert (run.folder / name).stat().st_mode & 0o777 == expected, name
 
 
@@ -462,7 +464,7 @@ def test_f12_temporary_files_of_killed_writes_are_cleaned(run, csv_dir, syntheti
 def test_f13_ddp_validates_the_model_rank0_saves(run):
     # Rank 0's buffers (BatchNorm statistics) reach every rank before each validation;
     # tests/test_training.py checks the numbers under torchrun.
-    assert run.calls == ["broadcast", "evaluate"] * 2
+    assert run.calls == ["broadcast", "validate"] * 2
 
 
 # ----------------------------------------------------------------------------- kills

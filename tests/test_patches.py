@@ -22,6 +22,7 @@ from torch import nn
 import evaluation
 import inference
 import predict
+import runs
 import training
 from dataset import EpochSampler, MammogramDataset, PatchDataset, read_window
 from imaging import read_pixels
@@ -107,7 +108,7 @@ def patch_run(csv_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("patch-run")
     argv = train_args(csv_dir, run, "--epochs", "2", "--patch-size", "32", "32", "--scale",
                       str(SCALE), "--patches-per-image", "2")
-    training.train(*training.parse_args(argv))
+    training.train(*runs.parse_args(argv))
     return run / "checkpoint"
 
 

@@ -18,7 +18,9 @@ import torch
 from torch.utils.data import default_collate
 
 import evaluation
+import inference
 import metrics
+import runs
 import training
 import utils
 from augmentation import normalize_input, unit_range
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_training(argv: list[str]) -> dict:
-    return training.train(*training.parse_args(argv))
+    return training.train(*runs.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +163,7 @@ def test_best_checkpoint_is_the_best_smoothed_validation_dice(csv_dir, trained_r
                 "mean_fg_dice": value}
 
     monkeypatch.setattr(training, "train_one_epoch", fake_train)
-    monkeypatch.setattr(training, "evaluate", fake_validate)
+    monkeypatch.setattr(training, "validate", fake_validate)
     monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
     run = trained_run.parent.parent / "scripted"  # shares the trained run's cache
     run_training(train_args(csv_dir, run, "--epochs", "5", "--decoder-channels", "16",
@@ -215,8 +217,8 @@ def test_killed_run_resumes_to_the_same_state(csv_dir, tmp_path, monkeypatch):
 
 def test_resume_keeps_saved_flags_unless_given_even_at_their_default(trained_run, tmp_path):
     base = ["--checkpoint-dir", str(trained_run), "--resume"]
-    args, given = training.parse_args([*base, "--lr", "3e-4"])  # 3e-4 is the default
-    resumed, _ = training.resolve_resume(args, given)
+    args, given = runs.parse_args([*base, "--lr", "3e-4"])  # 3e-4 is the default
+    resumed, _ = runs.resolve_resume(args, given)
     assert resumed.lr == 3e-4  # given explicitly: wins over the saved 1e-3
     assert resumed.size == [64, 48] and resumed.batch_size == 4  # not given: from the run
     assert resumed.checkpoint_dir == trained_run  # a machine flag: from this command line
@@ -235,7 +237,7 @@ def test_checkpoint_for_another_backbone_or_class_count_is_refused(trained_run, 
         bad = {**checkpoint, "config": {**checkpoint["config"], **change}}
         torch.save(bad, tmp_path / "bad.pth")
         with pytest.raises(CheckpointError, match="does not fit"):
-            evaluation.load_trained_model(tmp_path / "bad.pth", torch.device("cpu"))
+            inference.load_trained_model(tmp_path / "bad.pth", torch.device("cpu"))
 
 
 def test_test_script_writes_every_metric_in_range(trained_run, csv_dir, tmp_path):
@@ -334,7 +336,7 @@ def test_ddp_validation_figures_are_the_whole_validation_sets(ddp_run, csv_dir):
     # the saved model in one process. Background Dice is always defined and differs between the
     # halves (~1e-3 here); the loss also moves (~3e-4) when a rank keeps its own statistics.
     checkpoint_path = ddp_run / "run" / "checkpoint" / "last.pth"
-    model, config = evaluation.load_trained_model(checkpoint_path, torch.device("cpu"))
+    model, config = inference.load_trained_model(checkpoint_path, torch.device("cpu"))
     val = MammogramDataset.from_csv(csv_dir / "val.csv", ddp_run / "cache", tuple(config["size"]))
     stats, loss_sum = [], 0.0
     with torch.no_grad():
@@ -384,7 +386,7 @@ def test_loss_is_cross_entropy_plus_soft_dice_by_hand():
 
 def test_weight_decay_spares_batchnorm_and_biases():
     # With zero gradients an AdamW step only decays: a decayed weight shrinks by lr * decay.
-    args, _ = training.parse_args(["--backbone", "resnet18", "--decoder-channels", "16",
+    args, _ = runs.parse_args(["--backbone", "resnet18", "--decoder-channels", "16",
                                    "--lr", "0.1", "--weight-decay", "0.5"])
     model, optimizer, _, _ = training.build_training_state(args, torch.device("cpu"), None, 1, 10)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
