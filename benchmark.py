@@ -55,6 +55,7 @@ from utils import (
     HelpFormatter,
     add_device_flags,
     peak_memory_mb,
+    resolve_amp,
     resolve_device,
     seed_everything,
 )
@@ -92,13 +93,6 @@ def device_name(device: torch.device) -> str:
              (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
              if line.startswith("model name")]
     return f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores"
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """The precision --amp means on this device (the rule of training.autocast_for)."""
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "none"
-    return amp
 
 
 def first_batch(dataset: MammogramDataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,13 +111,6 @@ class DeepLabV3Plus(nn.Module):
                          out_channels=decoder_channels)
         self.decoder = Decoder(self.backbone.low_level_channels, decoder_channels)
         self.classifier = nn.Conv2d(decoder_channels, num_classes, kernel_size=1)
-        self.config = dict(
-            backbone=backbone,
-            num_classes=int(num_classes),
-            in_channels=int(in_channels),
-            output_stride=int(output_stride),
-            decoder_channels=int(decoder_channels),
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.backbone(x)
@@ -125,15 +118,23 @@ class DeepLabV3Plus(nn.Module):
         return _upsample(logits, x)
 
 
-def _resnet_state_dict(pretrained: str, backbone: str) -> dict[str, torch.Tensor]:
+def pretrained_file(pretrained: str, backbone: str) -> Path | None:
+    """The local state dict file `pretrained` names, or None where it is a torchvision weights
+    name of `backbone` (downloaded when used); ValueError when it is neither."""
     if Path(pretrained).is_file():
-        return torch.load(pretrained, map_location="cpu", weights_only=True)
+        return Path(pretrained)
+    names = list(models.get_model_weights(backbone).__members__)
+    if pretrained not in names:
+        raise ValueError(f"{pretrained!r} is neither a file nor a torchvision {backbone} weights "
+                         f"name: pass a .pth path or one of {', '.join(names)}")
+    return None
+
+
+def _resnet_state_dict(pretrained: str, backbone: str) -> dict[str, torch.Tensor]:
+    path = pretrained_file(pretrained, backbone)
+    if path is not None:
+        return torch.load(path, map_location="cpu", weights_only=True)
     weights = models.get_model_weights(backbone)
-    if pretrained not in weights.__members__:
-        raise ValueError(
-            f"pretrained={pretrained!r} is neither an existing file nor a {backbone} weights "
-            f"name ({', '.join(weights.__members__)})"
-        )
     try:
         return weights[pretrained].get_state_dict(progress=True)
     except OSError as err:  # URLError and socket errors: no network

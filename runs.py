@@ -18,13 +18,12 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import torch
-import torchvision
 
 from cbis import CLASS_NAMES, NUM_CLASSES
 from dataset import MammogramDataset, read_split_csv
 from imaging import DatasetError
 from inference import resolution_of
-from model import SUPPORTED_BACKBONES, build_model
+from model import SUPPORTED_BACKBONES, build_model, pretrained_file
 from preprocessing import PREPROCESS_VERSION
 from utils import (
     HelpFormatter,
@@ -269,20 +268,19 @@ def check_flag_values(args: argparse.Namespace, checkpoint: dict | None) -> None
 
 
 def check_pretrained(pretrained: str, backbone: str) -> None:
-    """A readable state dict file, or a torchvision weights name of the backbone."""
-    path = Path(pretrained)
-    if path.is_file():
+    """A readable state dict file, or a torchvision weights name of the backbone (model.py's
+    rule, pretrained_file)."""
+    try:
+        path = pretrained_file(pretrained, backbone)
+    except ValueError as error:
+        raise UsageError(f"--pretrained {error}") from error
+    if path is not None:
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - torch raises several types for a bad file
             raise UsageError(f"--pretrained {path} cannot be loaded ({load_error_reason(error)}):"
                              f" pass a torchvision {backbone} state dict saved with torch.save"
                              ) from error
-        return
-    names = list(torchvision.models.get_model_weights(backbone).__members__)
-    if pretrained not in names:
-        raise UsageError(f"--pretrained {pretrained!r} is neither a file nor a torchvision "
-                         f"{backbone} weights name: pass a .pth path or one of {', '.join(names)}")
 
 
 def check_run_folder(args: argparse.Namespace) -> None:

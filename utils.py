@@ -239,10 +239,16 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- randomness, devices
 
 
-def autocast_for(device: torch.device, amp: str) -> AbstractContextManager:
-    """The autocast context for --amp on this device (auto: bf16 on CUDA, none on CPU)."""
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision --amp means on this device: auto is bf16 on CUDA, none on CPU."""
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
+        return "bf16" if device.type == "cuda" else "none"
+    return amp
+
+
+def autocast_for(device: torch.device, amp: str) -> AbstractContextManager:
+    """The autocast context for --amp on this device (see resolve_amp)."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

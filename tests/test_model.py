@@ -38,8 +38,16 @@ def test_output_shape_every_backbone(backbone: str) -> None:
     with torch.no_grad():
         out = model(torch.randn(1, 1, H, W))
     assert out.shape == (1, 4, H, W)
-    assert model.config == dict(backbone=backbone, num_classes=4, in_channels=1, output_stride=16,
-                                decoder_channels=256)
+    # Built as asked: the backbone's blocks, 1 input channel, 4 classes, output stride 16 and the
+    # 256-channel decoder (the checkpoint's config, not the model, records these).
+    resnet = torchvision.models.get_model(backbone)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        ours, reference = getattr(model.backbone, name), getattr(resnet, name)
+        assert [type(b) for b in ours] == [type(b) for b in reference]
+    assert model.backbone.stem.conv1.in_channels == 1 and model.classifier.out_channels == 4
+    with torch.no_grad():
+        assert model.backbone(torch.randn(1, 1, H, W))[1].shape[-2:] == (H // 16, W // 16)
+    assert model.classifier.in_channels == 256
 
 
 def test_decoder_width_is_a_flag_away() -> None:

@@ -32,7 +32,9 @@ def save_checkpoint(path: Path, kind: str) -> Path:
     the expected mask is exactly the breast crop box, "background" nothing; "patchwork" has its
     random logits sharpened into a mix of classes and components of many sizes."""
     torch.manual_seed(1)
-    net = model.build_model("resnet18", 4, 1, 16)
+    architecture = {"backbone": "resnet18", "num_classes": 4, "in_channels": 1,
+                    "output_stride": 16, "decoder_channels": 256}  # what build_model takes
+    net = model.build_model(**architecture)
     with torch.no_grad():
         if kind in ("mass", "background"):
             net.classifier.weight.zero_()
@@ -40,8 +42,7 @@ def save_checkpoint(path: Path, kind: str) -> Path:
                                                     10.0 * (kind == "mass"), 0.0]))
         else:
             net.classifier.weight.mul_(30)
-    # net.config: backbone, classes, channels, stride... whatever build_model takes
-    config = {**net.config, "size": [64, 48], "canonical_flip": True,
+    config = {**architecture, "size": [64, 48], "canonical_flip": True,
               "preprocess_version": preprocessing.PREPROCESS_VERSION,
               "class_names": list(CLASS_NAMES)}
     torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, path)
