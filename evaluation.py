@@ -25,7 +25,7 @@ from tqdm import tqdm
 import metrics
 import report
 from augmentation import unit_range
-from cbis import CLASS_NAMES, image_folder_name
+from cbis import CLASS_NAMES, LESION_IDS, MALIGNANT, MALIGNANT_IDS, image_folder_name
 from dataset import MammogramDataset
 from imaging import DatasetError
 from inference import (
@@ -157,10 +157,10 @@ def evaluate_image(acc: Accumulator, probs: np.ndarray, mask_low: np.ndarray, me
         metrics.match_candidates(candidates, roi_masks, class_ids, criterion="centre"))
     per_class = metrics.dice_iou(stats[None])["dice_pooled"]
     return {
-        **{f"dice_{name}": per_class[c] for c, name in enumerate(CLASS_NAMES) if c},
+        **{f"dice_{CLASS_NAMES[c]}": per_class[c] for c in LESION_IDS},
         "lesion_dice": metrics.pooled_dice(acc.lesion[-1][None]),
-        "malignancy_score": float(probs[2:].max()),
-        "malignant": bool(any(c in (2, 3) for c in class_ids)),
+        "malignancy_score": float(probs[MALIGNANT].max()),
+        "malignant": bool(any(c in MALIGNANT_IDS for c in class_ids)),
         "n_rois": len(roi_masks),
         "n_candidates": len(candidates),
         "rois_found": int(np.isfinite(detections.roi_hit_scores).sum()),
@@ -219,7 +219,7 @@ def summarise(acc: Accumulator, table: pd.DataFrame, args) -> dict:
 
     def detection(detections: list) -> dict:
         result = {}
-        for name, cls in (("all", None), *((n, c) for c, n in enumerate(CLASS_NAMES) if c)):
+        for name, cls in (("all", None), *((CLASS_NAMES[c], c) for c in LESION_IDS)):
             def statistic(w, cls=cls):
                 return metrics.froc(detections, FP_RATES, w, cls)["sensitivity"]
             curve = metrics.froc(detections, FP_RATES, lesion_class=cls)

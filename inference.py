@@ -19,6 +19,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from augmentation import normalize_input, unit_range
+from cbis import LESIONS
 from model import build_model
 from preprocessing import PREPROCESS_VERSION, Resolution, prepare_image, restore_to_original
 from utils import CheckpointError, autocast_for, load_checkpoint
@@ -73,7 +74,7 @@ def predict_at_original(probs: np.ndarray, meta: dict) -> tuple[np.ndarray, np.n
     restored = restore_to_original(np.ascontiguousarray(probs.transpose(1, 2, 0)), meta,
                                    cv2.INTER_LINEAR)
     # Summed lesion classes, not 1 - p(background): outside the crop both are 0, not 1.
-    return restored.argmax(-1).astype(np.uint8), restored[..., 1:].sum(-1)
+    return restored.argmax(-1).astype(np.uint8), restored[..., LESIONS].sum(-1)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from cbis import BACKGROUND
+
 # Predicted components smaller than this (original pixels) are no lesion: evaluation scores and
 # predict.py ships the same detector (see drop_small_lesions).
 MIN_LESION_AREA = 16
@@ -97,8 +99,8 @@ def dice_iou(stats: np.ndarray, weights: np.ndarray | None = None) -> dict[str, 
 
 def lesion_stats(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per-image [intersection, predicted, true] pixels, (3,) int64, of the binary abnormality map
-    (any class > 0, whatever its class) of prediction and truth."""
-    p, t = np.asarray(pred) > 0, np.asarray(target) > 0
+    (any class but background, whatever its class) of prediction and truth."""
+    p, t = np.asarray(pred) != BACKGROUND, np.asarray(target) != BACKGROUND
     return np.array([np.count_nonzero(p & t), np.count_nonzero(p), np.count_nonzero(t)])
 
 
@@ -144,12 +146,13 @@ class ImageDetections:
 def lesion_candidates(
     abnormality_prob: np.ndarray, pred: np.ndarray, min_area: int = 1
 ) -> list[Candidate]:
-    """Connected components (8-connectivity) of `pred > 0` with at least `min_area` pixels, each
-    scored by the maximum of `abnormality_prob` (= 1 - p(background)) inside it."""
+    """Connected components (8-connectivity) of the lesion pixels of `pred` (any class but
+    background) with at least `min_area` pixels, each scored by the maximum of
+    `abnormality_prob` (= 1 - p(background)) inside it."""
     if abnormality_prob.shape != pred.shape:
         raise ValueError(f"prob {abnormality_prob.shape} and pred {pred.shape} differ in shape")
     n, labels, cc, centroids = cv2.connectedComponentsWithStats(
-        (pred > 0).astype(np.uint8), connectivity=8
+        (pred != BACKGROUND).astype(np.uint8), connectivity=8
     )
     out = []
     for k in range(1, n):  # label 0 is the background
@@ -182,7 +185,7 @@ def drop_small_lesions(
             kept.append(candidate)
         else:
             x0, y0, x1, y1 = candidate.bbox
-            pred[y0:y1, x0:x1][candidate.mask] = 0
+            pred[y0:y1, x0:x1][candidate.mask] = BACKGROUND
     return kept
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cbis import CLASS_COLOURS, CLASS_NAMES, image_folder_name
+from cbis import CLASS_COLOURS, CLASS_NAMES, MALIGNANT, image_folder_name
 from dicom_seg import SegAlgorithm, encode_dicom_seg, segmentation_algorithm
 from imaging import (
     IMAGE_SUFFIXES,
@@ -74,7 +74,6 @@ from utils import (
 INPUT_SUFFIXES = (".dcm", *IMAGE_SUFFIXES)  # searched for in folders, with other DICOM files
 OVERLAY_HEIGHT = 1024
 MIN_MAMMOGRAM_SIDE = 1000  # px, longer side; CBIS-DDSM's are ~5300x3000, lesion crops ~100-600
-MALIGNANT_CLASSES = slice(2, 4)  # mass, calc
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -255,7 +254,7 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
     record = {"source": str(item.path.absolute()), "name": item.name,
               "original_size": {"height": height, "width": width},
               "breast_box": [x0, y0, x1, y1], "flipped": item.meta["flipped"],
-              "malignancy_score": round(float(probs[MALIGNANT_CLASSES].max()), 4),
+              "malignancy_score": round(float(probs[MALIGNANT].max()), 4),
               "lesions": lesions}
     files[out / f"{item.name}.json"] = json.dumps(record, indent=2).encode()
     _write_set(files)

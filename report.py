@@ -39,7 +39,7 @@ def headline_table(results: dict) -> str:
     iou = detection_key.removeprefix("iou_at_least_")
     min_area = original["detection"]["min_area"]
     rows = [(f"Dice {name}, pixels pooled over all images", original["dice_pooled"][name])
-            for name in results["classes"][1:]]
+            for name in results["classes"][cbis.LESIONS]]
     rows += [("Lesion Dice (any class), Mass-Test images",
               original["lesion_dice_on_mass_test_images"]),
              ("Lesion Dice (any class), Calc-Test images",
@@ -141,7 +141,7 @@ def colourise(mask: np.ndarray) -> np.ndarray:
 def blend(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A class mask blended in its colours over an RGB uint8 image."""
     blended = grey.copy()
-    lesion = mask > 0
+    lesion = mask != cbis.BACKGROUND
     blended[lesion] = (0.45 * grey[lesion] + 0.55 * colourise(mask)[lesion]).astype(np.uint8)
     return blended
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import metrics
 from augmentation import augment_batch, normalize_input, unit_range
-from cbis import CLASS_NAMES, NUM_CLASSES
+from cbis import CLASS_NAMES, LESIONS, NUM_CLASSES
 from dataset import EpochSampler, MammogramDataset, PatchDataset
 from imaging import DatasetError
 from inference import predict_logits, resolution_of
@@ -212,7 +212,7 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, args,
     stats, loss_sum = all_reduce_sum(stats).cpu().numpy(), all_reduce_sum(loss_sum)
     dice = metrics.dice_iou(stats[None])["dice_pooled"]
     return {"val_loss": (loss_sum[0] / loss_sum[1]).item(),
-            "dice": dice, "mean_fg_dice": float(np.nanmean(dice[1:]))}
+            "dice": dice, "mean_fg_dice": float(np.nanmean(dice[LESIONS]))}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -360,7 +360,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         row = {"epoch": epoch + 1, "lr": last_step_lr(scheduler),
                "train_loss": round(train_loss, 5), "val_loss": round(val["val_loss"], 5),
                **{f"dice_{name}": round(float(d), 4)
-                  for name, d in zip(CLASS_NAMES[1:], val["dice"][1:], strict=True)},
+                  for name, d in zip(CLASS_NAMES[LESIONS], val["dice"][LESIONS], strict=True)},
                "mean_fg_dice": round(val["mean_fg_dice"], 4),
                "ema_fg_dice": round(math.nan if ema is None else ema, 4),
                "seconds": round(seconds, 1),
