@@ -53,6 +53,7 @@ from synthetic import make_synthetic_dataset
 from utils import (
     DistInfo,
     HelpFormatter,
+    UsageError,
     add_device_flags,
     peak_memory_mb,
     resolve_amp,
@@ -513,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 2 (batch norm in ASPP)")
     if min(args.images, args.steps, args.repeats) < 1 or args.warmup < 0:
         parser.error("--images, --steps and --repeats must be at least 1, --warmup at least 0")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UsageError as error:
+        parser.error(str(error))
     seed_everything(args.seed)
     settings = {
         "device": str(device), "size": list(args.size), "batch_size": args.batch_size,

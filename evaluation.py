@@ -38,9 +38,11 @@ from inference import (
 from preprocessing import merge_masks, read_roi_masks
 from utils import (
     CheckpointError,
+    DiskFullError,
     HelpFormatter,
     UsageError,
     add_device_flags,
+    atomic_write,
     resolve_device,
 )
 
@@ -273,8 +275,11 @@ def run(args) -> dict:
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     model, config = load_trained_model(checkpoint_path, device)
     out = prepare_results_folder(args.out, checkpoint_path)
-    dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, resolution_of(config),
-                                        config["canonical_flip"], args.data_root)
+    try:
+        dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, resolution_of(config),
+                                            config["canonical_flip"], args.data_root)
+    except DatasetError as error:  # the CSV or its sidecar: before any long work
+        raise UsageError(f"--csv: {error}") from error
     prepared = dataset.prepare(args.workers, args.skip_unreadable, args.progress)
     for img_path, error in prepared.skipped:
         print(f"skipped {img_path}: {error}", file=sys.stderr)
@@ -301,11 +306,12 @@ def run(args) -> dict:
             bar.update()
     bar.close()
     table = pd.DataFrame(acc.rows)
-    table.to_csv(out / "per_image.csv", index=False)
+    atomic_write(out / "per_image.csv", lambda tmp: table.to_csv(tmp, index=False))
     results = {"checkpoint": str(checkpoint_path), "csv": str(args.csv), "model": config,
                "skipped_unreadable": [path for path, _ in prepared.skipped],
                **summarise(acc, table, args)}
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out / "metrics.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     report.write_plots(results, out, checkpoint_path.parent / "log.csv")
     report.write_overlays(overlays, out / "overlays")
     print(report.headline_table(results))
@@ -314,10 +320,15 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0 when the results are written, 2 for a usage error (found before any long
+    work), 1 when the evaluation failed (an unreadable DICOM, a full disk)."""
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, DatasetError, UsageError) as error:
+    except (CheckpointError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (DatasetError, DiskFullError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -64,7 +64,9 @@ from preprocessing import prepare_image, scale_intensities
 from report import overlay_panel
 from utils import (
     CheckpointError,
+    DiskFullError,
     HelpFormatter,
+    UsageError,
     add_device_flags,
     atomic_write_all,
     positive_int,
@@ -317,17 +319,21 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
         device = resolve_device(args.device)
         model, config = load_trained_model(checkpoint, device)
-    except (CheckpointError, DatasetError) as error:
+    except (CheckpointError, DatasetError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not files:
         print(f"error: no DICOM, PNG or JPEG files in {', '.join(map(str, args.inputs))}",
               file=sys.stderr)
         return 1
-    summary = predict_files(files, output_names(files, args.inputs), model, config, args.out,
-                            device, batch_size=args.batch_size, amp=args.amp,
-                            min_area=args.min_area, progress=args.progress,
-                            algorithm=segmentation_algorithm(checkpoint, config))
+    try:
+        summary = predict_files(files, output_names(files, args.inputs), model, config,
+                                args.out, device, batch_size=args.batch_size, amp=args.amp,
+                                min_area=args.min_area, progress=args.progress,
+                                algorithm=segmentation_algorithm(checkpoint, config))
+    except DiskFullError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"{len(summary.records)} of {len(files)} images predicted into {args.out}, "
           f"{len(summary.skipped)} skipped (unreadable, or not a mammogram)")
     return 0 if summary.records else 1

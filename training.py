@@ -302,7 +302,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
            data: dict, log: TeeStdout) -> dict:
     train_set, val_set = load_datasets(args, dist_info)
     if len(train_set) < args.batch_size * dist_info.world_size:
-        raise SystemExit(f"error: {len(train_set)} training mammograms, fewer than one batch")
+        raise DatasetError(f"{len(train_set)} training mammograms, fewer than one batch")
     train_loader, train_sampler = make_loader(train_set, args, dist_info, True, device)
     val_loader, _ = make_loader(val_set, args, dist_info, False, device)
 
@@ -391,13 +391,16 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0 when the run finished, 2 for a usage error (found before any long work), 1
+    when the run failed (an unreadable DICOM, a full disk)."""
     try:
         train(*parse_args(argv))
-    except (UsageError, CheckpointError) as error:  # found before any long work
+    except (UsageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (DatasetError, DiskFullError) as error:
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

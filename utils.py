@@ -33,7 +33,8 @@ class CheckpointError(Exception):
 
 class UsageError(Exception):
     """A flag or path that cannot work, found before any long work: the message names the flag
-    or file and the fix; the scripts exit with code 2."""
+    or file and the fix. Every script exits with code 2 for it, with 1 for a failure during the
+    work and 0 on success."""
 
 
 class DiskFullError(OSError):
@@ -274,7 +275,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} asked for, but CUDA is not available here")
+        raise UsageError(f"--device {name} asked for, but CUDA is not available here: pass "
+                         "--device cpu")
     return device
 
 

@@ -522,6 +522,33 @@ def test_sigkill_in_an_epoch_and_in_a_checkpoint_write_then_resume_gives_the_sam
     assert not list(folder.glob(".*.tmp"))
 
 
+# ----------------------------------------------------------------------------- exit codes
+
+
+def test_exit_code_2_for_a_usage_error_and_1_for_a_failure_during_the_work(run, tmp_path,
+                                                                          capsys):
+    # A damaged mammogram is found while the cache is built: after the flags were checked.
+    rows, root = read_split_csv(run.csv / "train.csv")
+    data = tmp_path / "data"
+    for relative in {*rows["img_path"], *rows["roi_path"]}:
+        (data / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / relative, data / relative)
+    (data / rows["img_path"].iloc[-1]).write_bytes(b"not a DICOM any more")
+    damaged = ["--data-root", str(data), "--cache-dir", str(tmp_path / "cache")]
+    assert training.main([*fast_args(run.csv, tmp_path / "run", run.cache), *damaged]) == 1
+    assert "cannot read DICOM" in one_line_error(capsys)
+    evaluate = ["--checkpoint", str(run.folder / "best.pth"), "--workers", "0",
+                "--bootstrap", "5", "--no-progress", "--out", str(tmp_path / "results")]
+    assert evaluation.main([*evaluate, "--csv", str(run.csv / "train.csv"), *damaged]) == 1
+    assert "cannot read DICOM" in one_line_error(capsys)
+    assert evaluation.main([*evaluate, "--csv", str(tmp_path / "no" / "test.csv")]) == 2
+    assert "--csv: no CSV at" in one_line_error(capsys)
+    if not torch.cuda.is_available():
+        assert predict.main(["--checkpoint", str(run.folder / "best.pth"), "--device", "cuda",
+                             str(data)]) == 2
+        assert "--device cuda asked for" in one_line_error(capsys)
+
+
 # ----------------------------------------------------------------------------- already handled
 
 
