@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> str:
     data, csv_dir, commands = out / "data", out / "csv", []
     timed(commands, "synthetic data", "synthetic.py", synthetic.main, [
         "--out", str(data), "--profile", "realistic", "--patients", str(args.patients),
-        "--size", str(height), str(width), "--seed", str(args.seed), "--overwrite", "--quiet"])
+        "--size", str(height), str(width), "--seed", str(args.seed), "--overwrite",
+        "--no-progress"])
     timed(commands, "retrieval", "main_retrieval.py", main_retrieval.main, [
         "--data-root", str(data), "--out-dir", str(csv_dir), "--val-fraction", "0.15"])
     common = ["--csv-dir", str(csv_dir), "--cache-dir", str(out / "cache"), "--backbone",

@@ -1,7 +1,7 @@
 """Write a CBIS-DDSM-shaped tree, with quick-to-learn (demo) or realistic lesions.
 
 Folder layout, DICOM headers and the four description CSVs follow the real TCIA download,
-quirks included (see DESIGN.md), so the retrieval step and everything after it run unchanged.
+quirks included (docs/real-data.md), so the retrieval step and everything after it run unchanged.
 With layout "kaggle" the same study is written as the Kaggle JPEG copy instead: csv/ (the four
 description CSVs with TCIA-style paths, dicom_info.csv, meta.csv) and jpeg/<series uid>/ holding
 8-bit JPEGs named 1-<n>.jpg or 2-<n>.jpg whatever they hold, with that copy's quirks (crop and
@@ -1103,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tcia: the NBIA DICOM download; kaggle: the Kaggle JPEG copy (csv/, jpeg/)",
     )
     add("--overwrite", action="store_true", help="replace an existing OUT/CBIS-DDSM (OUT/jpeg)")
-    add("--quiet", action="store_true", help="no progress bar")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
     if args.overwrite:
         shutil.rmtree(args.out / image_folder(args.layout), ignore_errors=True)
@@ -1114,7 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
             tuple(args.size),
             args.seed,
             args.defects,
-            not args.quiet,
+            args.progress,
             args.profile,
             args.layout,
         )

@@ -206,7 +206,7 @@ def test_write_dicom_round_trip_and_dtype_check(tmp_path):
 
 
 def test_cli_refuses_existing_tree_unless_overwrite(tmp_path, capsys):
-    flags = ["--patients", "2", "--size", "128", "80", "--no-defects", "--quiet"]
+    flags = ["--patients", "2", "--size", "128", "80", "--no-defects", "--no-progress"]
     args = ["--out", str(tmp_path), *flags]
     assert synthetic.main(args) == 0
     assert '"missing_roi": []' in capsys.readouterr().out
