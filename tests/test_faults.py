@@ -1,6 +1,6 @@
-"""The fault matrix of issue 10: each way a run, a result or a CSV could be lost, and what the
-program does instead. Tests named test_fNN_ cover finding NN; the rest are the cases that were
-already handled. One tiny training run (module fixture) serves them all; CPU only."""
+"""What happens when things go wrong (docs/faults.md): each way a run, a result or a CSV could be
+lost, and what the program does instead. One tiny training run (module fixture) serves them all;
+CPU only."""
 
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ from dataset import MammogramDataset, read_split_csv
 from imaging import DatasetError, read_pixels
 from main_retrieval import DESCRIPTION_FILES
 from synthetic import write_dicom
-from tests.conftest import SIZE
-from tests.test_predict import mammogram
+from tests.conftest import SIZE, mammogram, tiny_run_args
 from utils import CheckpointError, DiskFullError, UsageError, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +44,8 @@ LOG_VALUES = ["epoch", "lr", "train_loss", "val_loss", "dice_benign", "dice_mass
 
 
 def fast_args(csv: Path, folder: Path, cache: Path, *extra: str) -> list[str]:
-    """A tiny CPU run: resnet18 with a 16-channel decoder at 64x48, two steps an epoch."""
-    return ["--csv-dir", str(csv), "--checkpoint-dir", str(folder), "--cache-dir", str(cache),
-            "--backbone", "resnet18", "--decoder-channels", "16", "--size", str(SIZE[0]),
-            str(SIZE[1]), "--batch-size", "4", "--workers", "0", "--lr", "1e-3", "--no-progress",
-            *extra]
+    """The tiny run with a 16-channel decoder: two steps an epoch on the small CSVs."""
+    return tiny_run_args(csv, folder, cache, "--decoder-channels", "16", *extra)
 
 
 def copy_csvs(source: Path, target: Path) -> Path:
@@ -136,7 +132,7 @@ def no_long_work(monkeypatch) -> None:
 # ----------------------------------------------------------------------------- run folders
 
 
-def test_f01_a_finished_runs_folder_is_never_written_without_resume(run, capsys, monkeypatch):
+def test_a_finished_runs_folder_is_never_written_without_resume(run, capsys, monkeypatch):
     def state() -> dict:
         return {name: (run.folder / name).stat().st_mtime_ns for name in runs.RUN_FILES}
 
@@ -159,7 +155,7 @@ def test_f01_a_finished_runs_folder_is_never_written_without_resume(run, capsys,
     assert not any((copy / name).exists() for name in runs.RUN_FILES)
 
 
-def test_f02_resume_path_continues_in_its_own_folder(run, tmp_path, monkeypatch):
+def test_resume_path_continues_in_its_own_folder(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     other = tmp_path / "checkpoint"  # the default --checkpoint-dir, holding another run
     other.mkdir()
@@ -187,8 +183,8 @@ BAD_FLAGS = [
 ]
 
 
-def test_f03_every_flag_and_folder_is_checked_before_the_cache_build(run, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_every_flag_and_folder_is_checked_before_the_cache_build(run, tmp_path, capsys,
+                                                                 monkeypatch):
     def check(*extra: str, folder: Path = tmp_path / "new", cache: Path = run.cache) -> None:
         args, _ = runs.parse_args(fast_args(run.csv, folder, cache, *extra))
         runs.validate_args(args)
@@ -229,7 +225,7 @@ def test_f03_every_flag_and_folder_is_checked_before_the_cache_build(run, tmp_pa
     assert "--lr" in one_line_error(capsys)
 
 
-def test_f04_resume_refuses_changed_train_val_rows(run, tmp_path):
+def test_resume_refuses_changed_train_val_rows(run, tmp_path):
     data = load_checkpoint(run.folder / "last.pth")["data"]
     assert data["csv_dir"] == str(run.csv.resolve())
     assert data["cache_dir"] == str(run.cache.resolve())
@@ -254,7 +250,7 @@ def test_f04_resume_refuses_changed_train_val_rows(run, tmp_path):
         runs.validate_args(*resumed(argv))
 
 
-def test_f07_resume_reuses_the_runs_cache(run, tmp_path, monkeypatch):
+def test_resume_reuses_the_runs_cache(run, tmp_path, monkeypatch):
     saved = load_checkpoint(run.folder / "last.pth")
     # A run started in another folder with relative paths (--cache-dir cache --csv-dir csv).
     elsewhere = {"model": {}, "config": saved["config"], "data": saved["data"],
@@ -283,8 +279,8 @@ def description_copy(synthetic_root: Path, target: Path, renamed_copies: int,
     return target
 
 
-def test_f06_retrieval_never_replaces_csvs_with_nothing(synthetic_root, csv_dir, tmp_path,
-                                                         capsys):
+def test_retrieval_never_replaces_csvs_with_nothing(synthetic_root, csv_dir, tmp_path,
+                                                    capsys):
     out = copy_csvs(csv_dir, tmp_path / "csv")
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     wrong = description_copy(synthetic_root, tmp_path / "wrong", 1, keep_original=False)
@@ -300,8 +296,8 @@ def test_f06_retrieval_never_replaces_csvs_with_nothing(synthetic_root, csv_dir,
     assert "WARNING: kept only" in err and "top reasons: missing or unreadable full" in err
 
 
-def test_f09_truncated_or_pixelless_dicom_is_skipped_at_retrieval(synthetic_root, csv_dir,
-                                                                 tmp_path, capsys):
+def test_truncated_or_pixelless_dicom_is_skipped_at_retrieval(synthetic_root, csv_dir,
+                                                              tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "CBIS-DDSM", root / "CBIS-DDSM")
     for name in DESCRIPTION_FILES.values():
@@ -329,8 +325,8 @@ def test_f09_truncated_or_pixelless_dicom_is_skipped_at_retrieval(synthetic_root
     assert not set(problems) & (set(written["img_path"]) | set(written["roi_path"]))
 
 
-def test_f09_a_full_disk_is_reported_as_such(csv_dir, synthetic_root, tmp_path, capsys,
-                                             monkeypatch):
+def test_a_full_disk_is_reported_as_such(csv_dir, synthetic_root, tmp_path, capsys,
+                                         monkeypatch):
     def no_space(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -370,7 +366,7 @@ def test_f09_a_full_disk_is_reported_as_such(csv_dir, synthetic_root, tmp_path, 
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
-def test_f10_a_moved_data_root_points_at_data_root(small_csv, tmp_path):
+def test_a_moved_data_root_points_at_data_root(small_csv, tmp_path):
     moved = copy_csvs(small_csv, tmp_path / "csv")
     sidecar = json.loads((moved / "dataset.json").read_text())
     (moved / "dataset.json").write_text(json.dumps({**sidecar, "data_root": str(tmp_path / "x")}))
@@ -384,7 +380,7 @@ def test_f10_a_moved_data_root_points_at_data_root(small_csv, tmp_path):
 # ----------------------------------------------------------------------------- results
 
 
-def test_f11_evaluation_results_per_run_without_stale_outputs(run, tmp_path, monkeypatch):
+def test_evaluation_results_per_run_without_stale_outputs(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results" / run.folder.name / "best"  # results/<run folder>/<stem>
     (out / "overlays").mkdir(parents=True)
@@ -405,7 +401,7 @@ def test_f11_evaluation_results_per_run_without_stale_outputs(run, tmp_path, mon
         evaluation.prepare_results_folder(mine, run.folder / "best.pth")
 
 
-def test_f11_predict_writes_an_images_outputs_as_a_set(run, tmp_path, monkeypatch):
+def test_predict_writes_an_images_outputs_as_a_set(run, tmp_path, monkeypatch):
     image = tmp_path / "in" / "scan.png"
     image.parent.mkdir()
     cv2.imwrite(str(image), mammogram(96, 64, chest_wall_right=False))
@@ -434,7 +430,7 @@ def test_f11_predict_writes_an_images_outputs_as_a_set(run, tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- files
 
 
-def test_f12_written_files_follow_the_umask(run, tmp_path):
+def test_written_files_follow_the_umask(run, tmp_path):
     for mask in (0o022, 0o027):
         old = os.umask(mask)
         try:
@@ -447,7 +443,7 @@ def test_f12_written_files_follow_the_umask(run, tmp_path):
         assert (run.folder / name).stat().st_mode & 0o777 == expected, name
 
 
-def test_f12_temporary_files_of_killed_writes_are_cleaned(run, csv_dir, synthetic_root, tmp_path):
+def test_temporary_files_of_killed_writes_are_cleaned(run, csv_dir, synthetic_root, tmp_path):
     assert not run.stale.exists()  # the run removed it from its folder
     out = copy_csvs(csv_dir, tmp_path / "csv")
     stale, unrelated = out / ".train.csv.a1b2c3d4.tmp", out / ".notes.tmp"
@@ -461,7 +457,7 @@ def test_f12_temporary_files_of_killed_writes_are_cleaned(run, csv_dir, syntheti
     assert utils.clean_stale_tmp(out) == [] and fresh.exists()
 
 
-def test_f13_ddp_validates_the_model_rank0_saves(run):
+def test_ddp_validates_the_model_rank0_saves(run):
     # Rank 0's buffers (BatchNorm statistics) reach every rank before each validation;
     # tests/test_training.py checks the numbers under torchrun.
     assert run.calls == ["broadcast", "validate"] * 2
@@ -549,7 +545,7 @@ def test_exit_code_2_for_a_usage_error_and_1_for_a_failure_during_the_work(run, 
         assert "--device cuda asked for" in one_line_error(capsys)
 
 
-# ----------------------------------------------------------------------------- already handled
+# ----------------------------------------------------------------------------- damaged inputs
 
 
 def test_damaged_or_missing_dicoms_are_named(tmp_path):

@@ -21,6 +21,7 @@ import predict
 import preprocessing
 from cbis import CLASS_NAMES
 from synthetic import write_dicom
+from tests.conftest import mammogram
 
 LESION_KEYS = {"class", "class_id", "score", "bbox", "area", "centroid"}
 RECORD_KEYS = {"source", "name", "original_size", "breast_box", "flipped", "malignancy_score",
@@ -54,17 +55,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("checkpoints")
     return {kind: save_checkpoint(folder / f"{kind}.pth", kind)
             for kind in ("mass", "patchwork", "background")}
-
-
-def mammogram(height: int, width: int, chest_wall_right: bool, seed: int = 0) -> np.ndarray:
-    """A bright half-ellipse breast against its chest wall on a dark, noisy background."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:height, :width]
-    wall = width - 1 if chest_wall_right else 0
-    breast = ((y - height / 2) / (0.42 * height)) ** 2 + ((x - wall) / (0.8 * width)) ** 2 < 1
-    image = rng.normal(400, 50, (height, width))
-    image[breast] = rng.normal(30000, 3000, int(breast.sum()))
-    return np.clip(image, 0, 65535).astype(np.uint16)
 
 
 @pytest.fixture
