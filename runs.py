@@ -111,7 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
              "the flags it was saved with are reused unless given again")
     add("--overwrite", action="store_true",
         help="start a new run in a --checkpoint-dir that holds another one, deleting its "
-             "last.pth, best.pth and log.csv (without it such a folder is refused)")
+             "last.pth, best.pth, log.csv, train.log and training_curves.png (without it such "
+             "a folder is refused)")
     add("--allow-changed-data", action="store_true",
         help="let --resume go on although the train/val rows or the data root differ from the "
              "run's (the validation patients then change mid-run)")
