@@ -2,7 +2,7 @@
 
     python Test_deep_labV3+.py --checkpoint checkpoint/best.pth
 
-Writes metrics.json, per_image.csv, plots and overlays to results/<checkpoint name>.
+Writes metrics.json, per_image.csv, plots and overlays to results/<run folder>/<checkpoint name>.
 """
 
 from evaluation import main

@@ -3,7 +3,7 @@
     python Train_deep_labv3+.py --csv-dir csv --checkpoint-dir checkpoint
 
 
-Runs unchanged under torchrun for several GPUs or nodes. See `--help` and README.md.
+Runs unchanged under torchrun for several GPUs or nodes. See `--help` and docs/training.md.
 """
 
 from training import main

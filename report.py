@@ -31,7 +31,7 @@ def _value(entry: dict) -> str:
 def headline_table(results: dict) -> str:
     """The numbers a reader compares, each with its patient-bootstrap 95% CI and the number of
     resamples that CI rests on (those where the figure is defined), on one screen. The labels
-    say what is computed; README "How the numbers are computed" has the details."""
+    say what is computed; docs/metrics.md has the details."""
     original = results["original_resolution"]
     detection_key = next(k for k in original["detection"] if k.startswith("iou"))
     detection = original["detection"][detection_key]
