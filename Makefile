@@ -40,7 +40,7 @@ benchmark: $(VENV)/.installed
 
 # The resolution study of docs/study.md (realistic synthetic set; 37 minutes on 2 CPU cores).
 study: $(VENV)/.installed
-	$(PY) study.py --out runs/study --overwrite
+	$(PY) study.py run --out runs/study --overwrite
 
 # Everything the demo wrote; checkpoint/ and csv/ keep only their .gitkeep.
 clean:

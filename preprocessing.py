@@ -33,7 +33,8 @@ from cbis import LESION_IDS
 from imaging import DatasetError, read_pixels
 from utils import atomic_write, clean_stale_tmp
 
-PREPROCESS_VERSION = 4  # 3: centre-aligned nearest for labels; 4: scale mode, split files
+PREPROCESS_VERSION = 5  # 3: centre-aligned nearest for labels; 4: scale mode, split files;
+# 5: window up to the brightest breast pixel (no lesion clipped)
 # Resolution of the cache: a fixed (H, W) every breast crop is resized to (whole-image mode), or
 # a factor applied to the crop's own size, aspect kept (patch mode; 0.5 = half of native).
 Resolution = tuple[int, int] | float
@@ -90,8 +91,9 @@ def merge_masks(masks: list[np.ndarray], class_ids: tuple[int, ...]) -> np.ndarr
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1
 
 
-def breast_region(image: np.ndarray, work_size: int = 512) -> tuple[Box, bool]:
-    """(y0, y1, x0, x1) box of the breast and whether its chest wall is on the right.
+def breast_region(image: np.ndarray, work_size: int = 512) -> tuple[Box, bool, np.ndarray]:
+    """(y0, y1, x0, x1) box of the breast, whether its chest wall is on the right, and the
+    breast's pixels on a downscaled copy of the box (bool, at most work_size per side).
 
     On a downscaled copy: Otsu threshold, then the largest connected component is the breast;
     film labels and scanner marks are smaller separate components and fall outside the box.
@@ -105,7 +107,7 @@ def breast_region(image: np.ndarray, work_size: int = 512) -> tuple[Box, bool]:
     _, foreground = cv2.threshold(small8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
     if count < 2:
-        return (0, height, 0, width), False
+        return (0, height, 0, width), False, np.ones(small.shape, bool)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     x, y, w, h = stats[largest, :4]
     breast = labels == largest
@@ -116,14 +118,23 @@ def breast_region(image: np.ndarray, work_size: int = 512) -> tuple[Box, bool]:
     y1, x1 = min(small.shape[0], y + h + margin), min(small.shape[1], x + w + margin)
     box = (int(y0 / scale), min(height, math.ceil(y1 / scale)),
            int(x0 / scale), min(width, math.ceil(x1 / scale)))
-    return box, bool(chest_wall_right)
+    return box, bool(chest_wall_right), breast[y0:y1, x0:x1]
 
 
-def scale_intensities(image: np.ndarray) -> np.ndarray:
-    """Robust window (0.5th-99.5th percentile of a subsample) to the full uint16 range."""
+def scale_intensities(image: np.ndarray, breast: np.ndarray | None = None) -> np.ndarray:
+    """Window to the full uint16 range: from the 0.5th percentile (the dark background) to the
+    brightest pixel of the breast, so no lesion is clipped (lesions are the brightest pixels; a
+    window ending at a percentile flattened the top of masses and calcifications).
+
+    breast: bool mask of the breast at any size (stretched over the image); default: all of it.
+    Film labels and scanner edges outside the breast may be clipped.
+    """
     sample = image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]
-    low, high = np.percentile(sample, (0.5, 99.5))
-    scaled = (image.astype(np.float32) - low) / max(float(high - low), 1e-6)
+    low = float(np.percentile(sample, 0.5))
+    inside = None if breast is None else cv2.resize(
+        breast.astype(np.uint8), image.shape[::-1], interpolation=cv2.INTER_NEAREST_EXACT) > 0
+    high = float(image[inside].max() if inside is not None and inside.any() else image.max())
+    scaled = (image.astype(np.float32) - low) / max(high - low, 1e-6)
     return (np.clip(scaled, 0, 1) * 65535).astype(np.uint16)
 
 
@@ -143,11 +154,11 @@ def prepare_image(image: np.ndarray, resolution: Resolution,
     Returns the image and the geometry (original_shape, box, flipped, size) that apply_geometry
     applies to masks and restore_to_original inverts.
     """
-    (y0, y1, x0, x1), chest_wall_right = breast_region(image)
+    (y0, y1, x0, x1), chest_wall_right, breast = breast_region(image)
     meta = {"original_shape": list(image.shape), "box": [y0, y1, x0, x1],
             "flipped": bool(canonical_flip and chest_wall_right),
             "size": list(resized_shape((y0, y1, x0, x1), resolution))}
-    cropped = scale_intensities(image[y0:y1, x0:x1])
+    cropped = scale_intensities(image[y0:y1, x0:x1], breast)
     return apply_geometry(cropped, meta, cv2.INTER_AREA, cropped=True), meta
 
 

@@ -126,6 +126,23 @@ def plot_training_curves(log_path: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_study_curves(logs: dict[str, Path], path: Path) -> Path:
+    """Validation Dice of each lesion class per epoch, against minutes of training, one panel
+    per class with a line per run (name -> its log.csv): equal time, not equal epochs."""
+    names = [cbis.CLASS_NAMES[c] for c in cbis.LESION_IDS]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), sharey=True)
+    for run, log_path in logs.items():
+        log = pd.read_csv(log_path)
+        minutes = log["seconds"].cumsum() / 60
+        for axis, name in zip(axes, names, strict=True):
+            axis.plot(minutes, log[f"dice_{name}"], marker=".", label=run)
+    for axis, name in zip(axes, names, strict=True):
+        axis.set(xlabel="training minutes", title=f"validation Dice, {name}", ylim=(0, 1))
+    axes[0].set_ylabel("Dice (pooled over the validation set)")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     # Atomic: training redraws its curves every epoch while someone may be looking at them.

@@ -80,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
              "(1 = native resolution, ~50 um/px on CBIS-DDSM)")
     add("--patches-per-image", type=int, default=4,
         help="patch mode: patches drawn per training mammogram and epoch")
+    add("--repeats", type=int, default=1,
+        help="whole-image mode: times each training mammogram is seen per epoch, so that an "
+             "epoch of a small set is worth its validation and checkpoint")
     add("--foreground-fraction", type=float, default=1 / 3,
         help="patch mode: share of patches centred on a lesion (class chosen uniformly)")
     add("--sw-overlap", type=float, default=0.25,
@@ -250,6 +253,7 @@ def check_flag_values(args: argparse.Namespace, checkpoint: dict | None) -> None
     require(min(args.size) >= MIN_SIZE, f"--size must be at least {MIN_SIZE} {MIN_SIZE} (the "
                                         f"encoder downsamples 16-32x), got {args.size[0]} "
                                         f"{args.size[1]}; e.g. --size 1024 640")
+    require(args.repeats >= 1, f"--repeats must be at least 1, got {args.repeats}")
     require(args.decoder_channels >= 1,
             f"--decoder-channels must be at least 1, got {args.decoder_channels}")
     if args.patch_size:
@@ -260,6 +264,8 @@ def check_flag_values(args: argparse.Namespace, checkpoint: dict | None) -> None
                 f"--scale must be above 0 and at most 1 (native resolution), got {args.scale}")
         require(args.patches_per_image >= 1,
                 f"--patches-per-image must be at least 1, got {args.patches_per_image}")
+        require(args.repeats == 1, "--repeats is for whole-image mode: patch mode draws "
+                                   "--patches-per-image patches per mammogram and epoch")
         require(0 <= args.foreground_fraction <= 1,
                 f"--foreground-fraction must be in [0, 1], got {args.foreground_fraction}")
         require(0 <= args.sw_overlap < 1,

@@ -25,13 +25,18 @@ smaller one looks like a downsampled scan (specks and grain shrink as they would
 | calcification length            | 2-9 px pleomorphic, 4-14 fine     | 0.1-1 mm at ~50 um/px    |
 |                                 | linear, 7-20 round, 10-20 rod, at |                          |
 |                                 | 5300 rows (times H / 5300)        |                          |
-| calcification peak contrast     | ~5% of the range (malignant) at   | judgement: contrast to   |
-|                                 | 2048 rows                         | noise ~4 at 2048 rows,   |
-|                                 |                                   | ~1 after a 5x downsample |
-| mass and dense-island contrast  | ~2-5% of the range above tissue   | judgement: like the      |
-|                                 |                                   | dense-tissue mottle      |
+| lesion visibility, by the CSV's | each lesion's gain is solved for  | subtlety shares of the   |
+| subtlety rating 1-5 (drawn from | on the written film so that it    | real training CSVs: Mass |
+| the real shares)                | shows, x U(0.85, 1.15) x          | 3/8/20/29/41%, Calc      |
+|                                 | --lesion-contrast: masses region  | 6/16/33/22/23%; radio-   |
+|                                 | CNR 1.0/1.5/2.0/2.5/3.0;          | logists outlined what    |
+|                                 | calcification clusters speck CNR  | they saw, so a rating-5  |
+|                                 | 4/5/6/7/8 (ordinary tissue ~3)    | lesion is plainly seen   |
+| dense islands, vessel specks    | calibrated the same way, targets  | hard negatives as        |
+| (look-alikes)                   | drawn from the same shares        | visible as the lesions   |
 | glandular share, density 1-4    | 12 / 37 / 62 / 85%, brighter and  | BI-RADS: <25, 25-50,     |
-|                                 | more mottled with density         | 51-75, >75% dense        |
+| (drawn from the real shares     | more mottled with density         | 51-75, >75% dense        |
+| 16/38/31/15%)                   |                                   |                          |
 | film curve, grain               | brightness saturates with tissue  | digitised film: dense    |
 |                                 | (dense tissue swallows contrast); | tissue hides lesions     |
 |                                 | grain 1.5% of the range at 5300   |                          |
@@ -39,12 +44,33 @@ smaller one looks like a downsampled scan (specks and grain shrink as they would
 | ROI masks                       | a smoothed, jittered outline      | CBIS-DDSM's hand-drawn   |
 |                                 | 10-25% larger than the mass or    | outlines                 |
 |                                 | the whole cluster                 |                          |
-| margins, shapes, calcification  | drawn as the CSV row says: e.g.   | the CSV's descriptors;   |
-| type and distribution; subtlety | SPICULATED rays, PLEOMORPHIC      | subtlety 1-5 scales the  |
-|                                 | irregular specks, SEGMENTAL line  | contrast 0.7-1.1x        |
+| margins, shapes, calcification  | drawn as the CSV row says: e.g.   | the CSV's descriptors    |
+| type and distribution           | SPICULATED rays, PLEOMORPHIC      |                          |
+|                                 | irregular specks, SEGMENTAL line  |                          |
 | look-alikes (background)        | dense islands, calcified vessels  | judgement                |
 |                                 | (specks along both walls), skin   |                          |
 |                                 | folds; film label, scanner edges  |                          |
+
+What that gives, measured by `study.py visibility` on the arrays a model reads (breast crop and
+window) of the study's test split (`make study`: 1024x608 with fine detail drawn as on a
+2048-row scan, seed 0; medians by subtlety 2/3/4/5, none of rating 1 drawn there):
+
+| lesions                  | figure     | native 1024x608          | 1/5 (205x122)            |
+|--------------------------|------------|--------------------------|--------------------------|
+| malignant mass           | region CNR | 1.3 / 1.9 / 2.7 / 3.3    | 1.3 / 2.0 / 2.8 / 3.2    |
+| benign mass              | region CNR | - / 2.1 / 2.6 / 3.1      | - / 2.2 / 2.7 / 3.3      |
+| malignant calcifications | speck CNR  | - / 5.9 / 6.4 / 7.9,     | - / 1.4 / 1.4 / 2.4,     |
+|                          |            | ordinary tissue 3.0      | ordinary tissue 1.8      |
+| benign calcifications    | speck CNR  | 4.4 / 6.4 / 7.0 / 8.1,   | 1.9 / 0.6 / 1.4 / 2.2,   |
+|                          |            | tissue 2.8               | tissue 1.6               |
+
+What a reader sees (PNGs of lesions at both sizes, looked at while calibrating): a mass is a
+smooth brighter oval or lobulated blob, faint but findable at subtlety 2, obvious at 4-5 with
+its spicules visible at native size, and still plainly there at 1/5; a calcification cluster
+is a sprinkle of 1-3 px specks inside a loose outline, seen at native size only by looking
+closely, and gone into the mottle at 1/5 (its speck CNR falls to what ordinary tissue scores).
+Dense islands and benign masses are as bright as the malignant masses: the class is in the
+shape and margin, not the brightness.
 """
 
 from __future__ import annotations
@@ -65,6 +91,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
+
+import visibility
 
 MAMMOGRAPHY_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray, For Presentation
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -115,9 +143,18 @@ DENSE_ATTENUATION = {1: 0.08, 2: 0.12, 3: 0.16, 4: 0.2}  # over fat's 0.28
 DENSE_TEXTURE = {1: 0.02, 2: 0.026, 3: 0.032, 4: 0.038}  # its mottle's spread
 FILM_GAMMA, FILM_FOG = 2.0, 0.03
 GRAIN = 0.015  # grain's spread at NATIVE_ROWS, fraction of the range
-MASS_ATTENUATION = (0.03, 0.06)
-CALC_ATTENUATION = (0.09, 0.18)  # fine specks' peak, before area sampling dilutes it
-COARSE_CALC_ATTENUATION = (0.1, 0.18)
+# Visibility by the CSV's subtlety rating (1 subtle .. 5 obvious), in the figures of visibility.py
+# at the written size: each lesion's gain is solved for so that it shows its rating's figure (x a
+# 0.85-1.15 jitter) against the tissue and grain it lies in. Masses: region CNR; calcification
+# clusters: speck CNR (ordinary tissue scores ~3).
+MASS_CNR = {1: 1.0, 2: 1.5, 3: 2.0, 4: 2.5, 5: 3.0}
+SPECK_CNR = {1: 4.0, 2: 5.0, 3: 6.0, 4: 7.0, 5: 8.0}
+# Shares in the real training CSVs (1318 mass, 1546 calcification rows) of subtlety 1..5 and of
+# BI-RADS density 1..4 (both collections).
+SUBTLETY_SHARES = {"Mass": (0.031, 0.076, 0.196, 0.285, 0.412),
+                   "Calc": (0.061, 0.157, 0.325, 0.224, 0.233)}
+DENSITY_SHARES = (0.161, 0.379, 0.306, 0.154)
+MAX_GAIN = 2.0  # attenuation: a target the film cannot show (saturated dense tissue) stops here
 SPECK_LENGTH = {  # px at NATIVE_ROWS, log-uniform; real calcifications are 0.1-1 mm
     "PLEOMORPHIC": (2, 9),
     "FINE_LINEAR_BRANCHING": (4, 14),
@@ -217,14 +254,22 @@ def _old_uid(rng: np.random.Generator) -> str:
     return f"{OLD_UID_ROOT}{rng.integers(10**17, 10**18)}{rng.integers(0, 10**18):018d}"
 
 
-def _plan_abnormality(n: int, collection: str, rng: np.random.Generator) -> _Abnormality:
+def _draw(shares: tuple[float, ...], allowed: tuple[int, int], rng: np.random.Generator) -> int:
+    """A level 1..len(shares) drawn with the real shares, only from allowed (lowest, highest)."""
+    levels = np.arange(1, len(shares) + 1)
+    weights = np.where((levels >= allowed[0]) & (levels <= allowed[1]), shares, 0)
+    return int(rng.choice(levels, p=weights / weights.sum()))
+
+
+def _plan_abnormality(n: int, collection: str, rng: np.random.Generator,
+                      subtlety: tuple[int, int] = (1, 5)) -> _Abnormality:
     pathology = str(rng.choice(_PATHOLOGY[0], p=_PATHOLOGY[1]))
     first, second = _DESCRIPTORS[collection, pathology == "MALIGNANT"]
     return _Abnormality(
         n=n,
         pathology=pathology,
         assessment=int(rng.choice(_ASSESSMENT[pathology])),
-        subtlety=int(rng.integers(1, 6)),
+        subtlety=_draw(SUBTLETY_SHARES[collection], subtlety, rng),
         descriptors=(str(rng.choice(first)), str(rng.choice(second))),
         one_series=bool(rng.random() < 0.5),
         mask_first=bool(rng.random() < 0.5),
@@ -234,18 +279,21 @@ def _plan_abnormality(n: int, collection: str, rng: np.random.Generator) -> _Abn
     )
 
 
-def _plan(patients: int, defects: bool, rng: np.random.Generator) -> list[_Mammogram]:
-    """Draw every random choice that is not pixels: patients, splits, views, clinical columns."""
+def _plan(patients: int, defects: bool, rng: np.random.Generator,
+          subtlety: tuple[int, int] = (1, 5), densities: tuple[int, int] = (1, 4)
+          ) -> list[_Mammogram]:
+    """Draw every random choice that is not pixels: patients, splits, views, clinical columns;
+    subtlety and density only from their (lowest, highest) ranges."""
     ids = np.sort(rng.choice(np.arange(1, 2100), size=patients, replace=False))
     test = set(rng.choice(ids, size=round(0.25 * patients), replace=False).tolist())
     plan = []
     for pid in ids.tolist():
-        density = int(rng.integers(1, 5))
+        density = _draw(DENSITY_SHARES, densities, rng)
         views = rng.choice(4, size=rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]), replace=False)
         for k in sorted(views):
             collection = str(rng.choice(["Mass", "Calc"]))
             count = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
-            abns = [_plan_abnormality(n, collection, rng) for n in range(1, count + 1)]
+            abns = [_plan_abnormality(n, collection, rng, subtlety) for n in range(1, count + 1)]
             date = f"{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}-{rng.choice([2016, 2017])}"
             split = "Test" if pid in test else "Training"
             side, view = _VIEWS[k]
@@ -424,14 +472,57 @@ def _anatomy(h: int, w: int, density: int, rng: np.random.Generator) -> _Anatomy
     return _Anatomy((a, b, cy), thickness * tissue, glandular)
 
 
-def _expose(attenuation: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Film: brightness saturates with attenuation (dense tissue swallows contrast), plus grain
-    whose per-pixel spread falls with the size as when a real scan is downsampled."""
-    h = attenuation.shape[0]
-    film = 1 - np.exp(-FILM_GAMMA * attenuation)
-    film = FILM_FOG + (1 - FILM_FOG) * film
-    film += (GRAIN * h / NATIVE_ROWS) * rng.standard_normal(film.shape, dtype=np.float32)
-    return MAX_VALUE * film
+def _expose(attenuation: np.ndarray, grain: np.ndarray) -> np.ndarray:
+    """Film brightness in [0, 1]: it saturates with attenuation (dense tissue swallows
+    contrast), plus the film's grain."""
+    return FILM_FOG + (1 - FILM_FOG) * (1 - np.exp(-FILM_GAMMA * attenuation)) + grain
+
+
+def _grain(h: int, w: int, detail: float, rng: np.random.Generator) -> np.ndarray:
+    """Grain whose per-pixel spread falls with the pixel pitch (detail: NATIVE_ROWS scans' px
+    per px), as when a real scan is downsampled."""
+    return (GRAIN * detail) * rng.standard_normal((h, w), dtype=np.float32)
+
+
+def _target(abn: _Abnormality, table: dict[int, float], contrast: float,
+            rng: np.random.Generator) -> float:
+    """The visibility figure a lesion is drawn to show: its subtlety's, jittered, x contrast."""
+    return table[abn.subtlety] * rng.uniform(0.85, 1.15) * contrast
+
+
+def _calibrate(attenuation: np.ndarray, grain: np.ndarray, add: np.ndarray, y0: int, x0: int,
+               region: np.ndarray, lesions: np.ndarray, target: float, specks: bool) -> float:
+    """The gain g for which attenuation + g * add (add's top-left corner at y0, x0) shows
+    `target` as region CNR (masses) or speck CNR (specks) on the exposed film, by bisection.
+
+    region: the patch's ROI (bool, add's shape); lesions: every ROI of the image so far.
+    """
+    kernel_reach = int(np.sqrt(region.sum() / np.pi) / 2) + 8  # the ring and the high-pass
+    h, w = add.shape
+    top, left = max(0, y0 - kernel_reach), max(0, x0 - kernel_reach)
+    bottom = min(attenuation.shape[0], y0 + h + kernel_reach)
+    right = min(attenuation.shape[1], x0 + w + kernel_reach)
+    window = np.s_[top:bottom, left:right]
+    inside = np.zeros((bottom - top, right - left), bool)
+    inside[y0 - top:y0 - top + h, x0 - left:x0 - left + w] = region
+    placed = np.zeros_like(inside, np.float32)
+    placed[y0 - top:y0 - top + h, x0 - left:x0 - left + w] = add
+    around = visibility.ring(inside, inside | lesions[window])
+    base, noise = attenuation[window], grain[window]
+
+    def shown(gain: float) -> float:
+        film = _expose(base + gain * placed, noise)
+        if specks:
+            return visibility.speck_cnr(film, inside, around)[0]
+        return visibility.region_cnr(film, inside, around)
+
+    low, high = 0.0, MAX_GAIN
+    if not shown(high) > target:
+        return high
+    for _ in range(24):
+        middle = (low + high) / 2
+        low, high = (middle, high) if shown(middle) < target else (low, middle)
+    return (low + high) / 2
 
 
 def _outline(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -510,8 +601,8 @@ def _realistic_mass(
     abn: _Abnormality, box_rows: float, max_half: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Benign circumscribed or obscured, malignant spiculated or ill-defined (the CSV's margins),
-    a few percent above the tissue; the mask is a loose outline box_rows tall (less where the
-    patch would pass max_half)."""
+    at unit gain (_calibrate scales it); the mask is a loose outline box_rows tall (less where
+    the patch would pass max_half)."""
     shape, margins = abn.descriptors
     boundary = _boundary(shape, rng)
     theta = np.linspace(-np.pi, np.pi, 90, endpoint=False)
@@ -530,13 +621,7 @@ def _realistic_mass(
     body = _blob(r, half, boundary, softness)
     if margins == "SPICULATED":
         body = np.maximum(body, _spicules(r, half, rng))
-    gain = rng.uniform(*MASS_ATTENUATION) * _subtle(abn)
-    return gain * body, _outline_mask(polygon, r, half, 0)
-
-
-def _subtle(abn: _Abnormality) -> float:
-    """Contrast factor from the CSV's subtlety (1 subtle .. 5 obvious)."""
-    return 0.6 + 0.1 * abn.subtlety
+    return body, _outline_mask(polygon, r, half, 0)
 
 
 def _speck(
@@ -579,7 +664,8 @@ def _realistic_calcs(
     abn: _Abnormality, box_rows: float, max_half: int, scale: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Malignant: many fine pleomorphic specks, clustered. Benign: few coarse round or rod-like
-    ones, scattered. Sizes in px of a NATIVE_ROWS-row scan times scale; low contrast. The mask is
+    ones, scattered. Sizes in px of a NATIVE_ROWS-row scan times scale; specks about unit gain
+    (_calibrate scales the cluster). The mask is
     a loose outline of the whole cluster, box_rows tall (less where the patch would pass
     max_half)."""
     kind, distribution = abn.descriptors
@@ -600,8 +686,7 @@ def _realistic_calcs(
     patch = np.zeros((2 * half + 1,) * 2, np.float32)
     rods = kind in ("FINE_LINEAR_BRANCHING", "LARGE_RODLIKE")  # lie along the ducts
     angles = direction + rng.normal(0, 0.3, n) if rods else rng.uniform(0, np.pi, n)
-    gains = rng.uniform(*(CALC_ATTENUATION if malignant else COARSE_CALC_ATTENUATION), n)
-    gains *= _subtle(abn)
+    gains = rng.uniform(0.67, 1.33, n)  # about the cluster's gain, which _calibrate sets
     for (x, y), length, width, angle, gain in zip(
         centres * spread + half, lengths, widths, angles, gains, strict=True
     ):
@@ -627,31 +712,29 @@ def _place_in_glands(
     return y, x
 
 
-def _add_if_clear(
-    attenuation: np.ndarray, add: np.ndarray, y0: int, x0: int, masks: list[np.ndarray]
-) -> None:
-    """Add a look-alike patch unless it would touch a lesion's mask (it must stay background)."""
+def _is_clear(lesions: np.ndarray, add: np.ndarray, y0: int, x0: int) -> bool:
+    """A look-alike patch fits in the image and keeps clear of every lesion's mask (it must
+    stay background)."""
     h, w = add.shape
-    if y0 < 0 or x0 < 0 or y0 + h > attenuation.shape[0] or x0 + w > attenuation.shape[1]:
-        return
-    box = np.s_[y0 : y0 + h, x0 : x0 + w]
+    if y0 < 0 or x0 < 0 or y0 + h > lesions.shape[0] or x0 + w > lesions.shape[1]:
+        return False
     near = cv2.dilate((add > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    if not any(mask[box][near].any() for mask in masks):
-        attenuation[box] += add
+    return not lesions[y0 : y0 + h, x0 : x0 + w][near].any()
 
 
 def _dense_island(h: int, rng: np.random.Generator) -> np.ndarray:
-    """A mass look-alike: a lump of glandular tissue as big and as bright as a mass, but mottled
-    and with a soft irregular edge."""
+    """A mass look-alike: a lump of glandular tissue as big as a mass, mottled and with a soft
+    irregular edge, at unit gain (calibrated as bright as a mass where it is placed)."""
     r = h * _box_ratio(MASS_BOX_RATIO, 0.15, rng) / 2.4
     half = int(np.ceil(2 * r)) + 2
     body = _blob(r, half, _boundary("IRREGULAR", rng), rng.uniform(0.3, 0.6))
     mottle = 1 + 0.35 * _smooth_noise(2 * half + 1, 2 * half + 1, 6, rng)
-    return rng.uniform(*MASS_ATTENUATION) * body * np.clip(mottle, 0, None)
+    return body * np.clip(mottle, 0, None)
 
 
-def _vessel(h: int, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """A calcified artery: a faint curved tube with specks along both walls (tram lines)."""
+def _vessel(h: int, scale: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A calcified artery: a faint curved tube and, apart (about unit gain, for _calibrate),
+    the specks along both its walls (tram lines)."""
     length = h * rng.uniform(0.06, 0.16)
     t = np.linspace(-0.5, 0.5, 200)[:, None]
     turn = rng.uniform(-0.6, 0.6)  # arteries run towards the nipple
@@ -663,7 +746,8 @@ def _vessel(h: int, scale: float, rng: np.random.Generator) -> np.ndarray:
     path += half
     tube = np.zeros((2 * half + 1,) * 2, np.float32)
     cv2.polylines(tube, [np.round(path).astype(np.int32)], False, 1.0, max(1, round(wall)))
-    patch = 0.015 * cv2.GaussianBlur(tube, (0, 0), max(0.5, wall / 4)) * (tube > 0)
+    wall_shadow = 0.015 * cv2.GaussianBlur(tube, (0, 0), max(0.5, wall / 4)) * (tube > 0)
+    specks = np.zeros_like(tube)
     tangent = np.gradient(path, axis=0)
     tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
     side = tangent[:, ::-1] * [-1, 1]
@@ -673,8 +757,8 @@ def _vessel(h: int, scale: float, rng: np.random.Generator) -> np.ndarray:
             x, y = path[index] + sign * side[index] * wall / 2
             angle = float(np.arctan2(tangent[index, 1], tangent[index, 0]))
             length = rng.uniform(4, 14) * scale
-            _speck(patch, y, x, length, length / 2.5, angle, rng.uniform(*CALC_ATTENUATION))
-    return patch
+            _speck(specks, y, x, length, length / 2.5, angle, rng.uniform(0.67, 1.33))
+    return wall_shadow, specks
 
 
 def _skin_fold(anatomy: _Anatomy, h: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
@@ -696,25 +780,46 @@ def _skin_fold(anatomy: _Anatomy, h: int, rng: np.random.Generator) -> tuple[np.
 
 def _lookalikes(
     attenuation: np.ndarray,
+    grain: np.ndarray,
     anatomy: _Anatomy,
-    masks: list[np.ndarray],
+    lesions: np.ndarray,
     placed: list[tuple[int, int, int]],
     max_half: int,
     density: int,
+    detail: float,
     rng: np.random.Generator,
 ) -> None:
     """Normal structures that look like lesions and stay background: dense islands (more in
-    dense breasts), calcified vessels and skin folds. One touching a lesion's mask is left out."""
+    dense breasts) as visible as masses, calcified vessels with specks as visible as clusters',
+    and skin folds. One touching a lesion's mask is left out."""
     h = attenuation.shape[0]
-    patches = [_dense_island(h, rng) for _ in range(rng.poisson(0.3 + 0.3 * density))]
-    patches += [_vessel(h, h / NATIVE_ROWS, rng) for _ in range(rng.poisson(0.8))]
-    for patch in patches:
-        half = patch.shape[0] // 2
-        if half <= max_half:  # else there is no room for it in this breast
-            y, x = _place(half, anatomy.ellipse, placed, rng)
-            _add_if_clear(attenuation, patch, y - half, x - half, masks)
+    islands = [_dense_island(h, rng) for _ in range(rng.poisson(0.3 + 0.3 * density))]
+    vessels = [_vessel(h, detail, rng) for _ in range(rng.poisson(0.8))]
+    for base, add in [(None, island) for island in islands] + vessels:
+        half = add.shape[0] // 2
+        if half > max_half:  # no room for it in this breast
+            continue
+        y, x = _place(half, anatomy.ellipse, placed, rng)
+        y0, x0 = y - half, x - half
+        if not _is_clear(lesions, add, y0, x0):
+            continue
+        box = np.s_[y0 : y0 + add.shape[0], x0 : x0 + add.shape[1]]
+        specks = base is not None
+        if specks:  # the wall's shadow first: the specks are calibrated on top of it
+            attenuation[box] += base
+            region = cv2.dilate((add > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        else:
+            region = add > 0.5 * add.max()
+        # Drawn as visible as a lesion of a subtlety drawn like the real ones.
+        collection = "Calc" if specks else "Mass"
+        subtlety = 1 + int(rng.choice(5, p=SUBTLETY_SHARES[collection]))
+        target = (SPECK_CNR if specks else MASS_CNR)[subtlety] * rng.uniform(0.85, 1.15)
+        gain = _calibrate(attenuation, grain, add, y0, x0, region, lesions, target, specks)
+        attenuation[box] += gain * add
     for _ in range(rng.poisson(0.6)):
-        _add_if_clear(attenuation, *_skin_fold(anatomy, h, rng), masks)
+        fold, y0, x0 = _skin_fold(anatomy, h, rng)
+        if _is_clear(lesions, fold, y0, x0):
+            attenuation[y0 : y0 + fold.shape[0], x0 : x0 + fold.shape[1]] += fold
 
 
 def _scanner_edges(img: np.ndarray, breast_depth: float, rng: np.random.Generator) -> None:
@@ -730,13 +835,19 @@ def _scanner_edges(img: np.ndarray, breast_depth: float, rng: np.random.Generato
 
 
 def _render_realistic(
-    m: _Mammogram, h: int, w: int, rng: np.random.Generator
+    m: _Mammogram, h: int, w: int, rng: np.random.Generator, contrast: float = 1.0,
+    detail_rows: int | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Calibrated to the real CBIS-DDSM (module docstring). Anatomy, lesions, look-alikes and
-    film draw from their own streams, so leaving one out leaves the others' pixels alone."""
+    """Calibrated to the real CBIS-DDSM (module docstring); contrast multiplies every lesion's
+    visibility target (look-alikes keep theirs); the fine detail (specks, vessel walls, grain)
+    is sized as on a scan of detail_rows rows (default h). Anatomy, lesions, look-alikes and film
+    draw from their own streams, so leaving one out leaves the others' pixels alone."""
     anatomy_rng, lesion_rng, lookalike_rng, film_rng = rng.spawn(4)
+    detail = (detail_rows or h) / NATIVE_ROWS  # px of a NATIVE_ROWS-row scan per px here
     anatomy = _anatomy(h, w, m.density, anatomy_rng)
+    grain = _grain(h, w, detail, film_rng)  # drawn first: lesions are calibrated against it
     attenuation, masks, placed = anatomy.attenuation, [], []
+    lesions = np.zeros((h, w), bool)
     max_half = int(0.38 * anatomy.ellipse[0])  # _place needs the patch to fit inside the breast
     for abn in m.abnormalities:
         if m.collection == "Mass":
@@ -745,11 +856,18 @@ def _render_realistic(
             y, x = _place(add.shape[0] // 2, anatomy.ellipse, placed, lesion_rng)
         else:
             box_rows = h * _box_ratio(CALC_BOX_RATIO, 0.22, lesion_rng)
-            add, inside = _realistic_calcs(abn, box_rows, max_half, h / NATIVE_ROWS, lesion_rng)
+            add, inside = _realistic_calcs(abn, box_rows, max_half, detail, lesion_rng)
             y, x = _place_in_glands(add.shape[0] // 2, anatomy, placed, lesion_rng)
-        masks.append(_paste(attenuation, add, inside, y, x))
-    _lookalikes(attenuation, anatomy, masks, placed, max_half, m.density, lookalike_rng)
-    img = _expose(attenuation, film_rng)
+        specks = m.collection == "Calc"
+        target = _target(abn, SPECK_CNR if specks else MASS_CNR, contrast, lesion_rng)
+        half = add.shape[0] // 2
+        gain = _calibrate(attenuation, grain, add, y - half, x - half, inside, lesions, target,
+                          specks)
+        masks.append(_paste(attenuation, gain * add, inside, y, x))
+        lesions |= masks[-1] > 0
+    _lookalikes(attenuation, grain, anatomy, lesions, placed, max_half, m.density, detail,
+                lookalike_rng)
+    img = MAX_VALUE * _expose(attenuation, grain)
     _film_label(img, film_rng)
     _scanner_edges(img, anatomy.ellipse[0], film_rng)
     return _finish(img, masks, m.side)
@@ -774,11 +892,12 @@ def _finish(img: np.ndarray, masks: list[np.ndarray], side: str) -> tuple[np.nda
 
 
 def _render(
-    m: _Mammogram, h: int, w: int, rng: np.random.Generator, profile: str = "demo"
+    m: _Mammogram, h: int, w: int, rng: np.random.Generator, profile: str = "demo",
+    contrast: float = 1.0, detail_rows: int | None = None,
 ) -> tuple[np.ndarray, list]:
     """The uint16 mammogram and one uint8 0/255 mask per abnormality, mirrored for RIGHT."""
     if profile == "realistic":
-        return _render_realistic(m, h, w, rng)
+        return _render_realistic(m, h, w, rng, contrast, detail_rows)
     ellipse = (w * rng.uniform(0.6, 0.78), h * rng.uniform(0.42, 0.47), h * rng.uniform(0.47, 0.53))
     img = _breast(h, w, ellipse, m.density, rng)
     masks, placed = [], []
@@ -869,6 +988,8 @@ def _write_mammogram(
     index: int,
     profile: str = "demo",
     layout: str = "tcia",
+    contrast: float = 1.0,
+    detail_rows: int | None = None,
 ) -> list[dict]:
     """Render one mammogram and write its files; returns their dicom_info.csv rows (Kaggle)."""
     rng = np.random.default_rng([seed, index])  # own stream: pixels do not hinge on other images
@@ -877,7 +998,7 @@ def _write_mammogram(
     def uid() -> str:  # seeded, so a rerun writes byte-identical files
         return generate_uid(entropy_srcs=[f"synthetic-{seed}-{index}-{next(counter)}"])
 
-    image, masks = _render(m, *size, rng, profile)
+    image, masks = _render(m, *size, rng, profile, contrast, detail_rows)
     if layout == "kaggle":
         return _write_kaggle_mammogram(root, m, image, masks, uid, rng)
     series = root / m.folder / f"{m.date}-DDSM-{rng.integers(100000):05d}"
@@ -1032,13 +1153,21 @@ def make_synthetic_dataset(
     progress: bool = True,
     profile: str = "demo",
     layout: str = "tcia",
+    contrast: float = 1.0,
+    detail_rows: int | None = None,
+    subtlety: tuple[int, int] = (1, 5),
+    density: tuple[int, int] = (1, 4),
 ) -> dict:
     """Write out_dir/CBIS-DDSM/ and the four description CSVs (layout "tcia"), or out_dir/jpeg/
     and out_dir/csv/ (layout "kaggle"); return a summary of what was written.
 
     The defects need two single-lesion training mammograms; a tiny set may get fewer, and the
     summary's "defects" lists the folders actually affected. profile is "demo" (quick to learn)
-    or "realistic" (calibrated to the real set, see the module docstring). Raises
+    or "realistic" (calibrated to the real set, see the module docstring); contrast multiplies
+    the realistic lesions' visibility (a contrast ladder: 1, 2, 4, 8); detail_rows sizes their
+    fine detail as on a scan of that many rows (default: size's height); subtlety and density
+    restrict the CSV ratings drawn (and so the realistic lesions' visibility) to a (lowest,
+    highest) range, e.g. (1, 3) and (3, 4) for the hard end. Raises
     FileExistsError if the image folder exists, ValueError for unusable arguments.
     """
     out_dir = Path(out_dir)
@@ -1047,19 +1176,27 @@ def make_synthetic_dataset(
                          f"got {patients}, {size} and {layout!r}")
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if not contrast > 0 or (detail_rows is not None and detail_rows < 1):
+        raise ValueError(f"need contrast > 0 and detail_rows >= 1, got {contrast} and "
+                         f"{detail_rows}")
+    if not (1 <= subtlety[0] <= subtlety[1] <= 5 and 1 <= density[0] <= density[1] <= 4):
+        raise ValueError(f"need 1 <= subtlety low <= high <= 5 and 1 <= density low <= high "
+                         f"<= 4, got {subtlety} and {density}")
     root = out_dir / image_folder(layout)
     if root.exists():
         raise FileExistsError(f"{root} already exists (use --overwrite to replace it)")
-    plan = _plan(patients, defects, np.random.default_rng(seed))
+    plan = _plan(patients, defects, np.random.default_rng(seed), tuple(subtlety), tuple(density))
     root.mkdir(parents=True)
     info = []
     for index, m in enumerate(tqdm(plan, desc="synthetic mammograms", disable=not progress)):
-        info += _write_mammogram(root, m, size, seed, index, profile, layout)
+        info += _write_mammogram(root, m, size, seed, index, profile, layout, contrast,
+                                 detail_rows)
     if layout == "kaggle":
         _write_kaggle_csvs(out_dir / "csv", plan, info)
     else:
         _write_csvs(out_dir, plan)
-    return {**_summary(plan, out_dir, size, seed, layout), "profile": profile}
+    return {**_summary(plan, out_dir, size, seed, layout), "profile": profile,
+            "contrast": contrast, "detail_rows": detail_rows or size[0]}
 
 
 def image_folder(layout: str) -> str:
@@ -1102,6 +1239,19 @@ def main(argv: list[str] | None = None) -> int:
         default="tcia",
         help="tcia: the NBIA DICOM download; kaggle: the Kaggle JPEG copy (csv/, jpeg/)",
     )
+    add("--lesion-contrast", type=float, default=1.0, metavar="X",
+        help="realistic profile: multiply every lesion's calibrated visibility by X (a contrast "
+        "ladder 1, 2, 4, 8 finds where a recipe starts to learn; look-alikes keep theirs)")
+    add("--detail-rows", type=int, default=None, metavar="R",
+        help="realistic profile: size the fine detail (calcification specks, vessel walls, film "
+        "grain) as on a scan of R rows; lesion boxes and anatomy stay fractions of the image "
+        "(default: --size's H, i.e. a downsampled scan). E.g. --size 1024 608 --detail-rows 2048: "
+        "a CPU-sized stand-in for a scan at native resolution, whose specks stay visible")
+    add("--subtlety", type=int, nargs=2, default=(1, 5), metavar=("LOW", "HIGH"),
+        help="draw the CSV's subtlety ratings (1 subtle .. 5 obvious; the realistic profile's "
+        "lesion visibility follows them) only from LOW..HIGH, with the real shares")
+    add("--density", type=int, nargs=2, default=(1, 4), metavar=("LOW", "HIGH"),
+        help="draw BI-RADS breast density (1 fatty .. 4 dense) only from LOW..HIGH")
     add("--overwrite", action="store_true", help="replace an existing OUT/CBIS-DDSM (OUT/jpeg)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
@@ -1117,6 +1267,10 @@ def main(argv: list[str] | None = None) -> int:
             args.progress,
             args.profile,
             args.layout,
+            args.lesion_contrast,
+            args.detail_rows,
+            tuple(args.subtlety),
+            tuple(args.density),
         )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

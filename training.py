@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import metrics
@@ -81,10 +81,13 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
                    pool_ranks: bool = False) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground classes, pooled over the batch.
+    """1 - mean soft Dice over the foreground classes present in the batch, pooled over it.
 
+    A class absent from the batch is left out of the mean: scored, its only gradient would push
+    that class towards zero everywhere (with the classic eps = 1 that push is as strong as the
+    whole loss), which on lesion-sparse batches teaches the model to predict background.
     pool_ranks (training under DDP): the sums are pooled over every rank's batch, as nnU-Net
     does, so a rank whose images lack a class does not score it alone. The all-reduce passes
     gradients back (summed over ranks, which DDP's averaging undoes); every rank must call it.
@@ -92,11 +95,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
     probs = logits.float().softmax(dim=1)[:, 1:]
     one_hot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
     dims = (0, 2, 3)
-    sums = torch.stack([(probs * one_hot).sum(dims), probs.sum(dims) + one_hot.sum(dims)])
+    sums = torch.stack([(probs * one_hot).sum(dims), probs.sum(dims), one_hot.sum(dims)])
     if pool_ranks and dist.is_available() and dist.is_initialized():
         sums = _AllReduceSum.apply(sums)
-    intersection, total = sums
-    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
+    intersection, predicted, present = sums
+    dice = (2 * intersection + eps) / (predicted + present + eps)
+    weight = (present > 0).float()
+    return 1 - (dice * weight).sum() / weight.sum().clamp(min=1)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
@@ -253,8 +258,7 @@ def make_loader(dataset: MammogramDataset | PatchDataset, args, dist_info: DistI
     return loader, sampler
 
 
-def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset | PatchDataset,
-                                                      MammogramDataset]:
+def load_datasets(args, dist_info: DistInfo) -> tuple[Dataset, MammogramDataset]:
     """Train and val datasets with their cache built once (by rank 0, in parallel). In patch
     mode the training set yields patches and validation sees whole crops."""
     datasets = []
@@ -278,6 +282,8 @@ def load_datasets(args, dist_info: DistInfo) -> tuple[MammogramDataset | PatchDa
     if args.patch_size:
         train_set = PatchDataset(train_set, tuple(args.patch_size), args.patches_per_image,
                                  args.foreground_fraction, args.seed)
+    elif args.repeats > 1:
+        train_set = ConcatDataset([train_set] * args.repeats)
     return train_set, val_set
 
 
@@ -337,7 +343,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         inputs = (f"{args.patch_size[0]}x{args.patch_size[1]} patches at scale {args.scale}"
                   if args.patch_size else f"{args.size[0]}x{args.size[1]}")
         print(f"training {args.backbone} DeepLabV3+ on {len(train_set)} "
-              f"{'patches per epoch' if args.patch_size else 'mammograms'} "
+              f"{'patches' if args.patch_size else 'mammograms'} per epoch "
               f"({len(val_set)} val mammograms) at {inputs}, {dist_info.world_size} "
               f"process(es) on {device}, epochs {start_epoch + 1}..{args.epochs}")
     row = {}

@@ -244,6 +244,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """The precision --amp means on this device: auto is bf16 on CUDA, none on CPU."""
     if amp == "auto":
         return "bf16" if device.type == "cuda" else "none"
+    if amp not in ("bf16", "fp16", "none"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or none, got {amp!r}")
     return amp
 
 

@@ -26,7 +26,7 @@ from preprocessing import (
     restore_to_original,
 )
 from synthetic import write_dicom
-from tests.conftest import SIZE
+from tests.conftest import SIZE, mammogram
 
 
 def test_overlapping_rois_higher_class_wins():
@@ -374,3 +374,20 @@ def test_cache_is_rebuilt_for_another_size_or_preprocessing_version(csv_dir, tmp
     assert data[0][0].shape == (1, 32, 24) and data[0][1].shape == (32, 24)
     monkeypatch.setattr(preprocessing, "PREPROCESS_VERSION", preprocessing.PREPROCESS_VERSION + 1)
     assert prepare(SIZE) == (n, 0)  # new preprocessing code: nothing old is reused
+
+
+def test_window_keeps_the_brightest_lesion_pixels_apart():
+    # Lesions are the brightest pixels of a breast: a bright mass covering 3% of the image, its
+    # core brighter than its rim, must keep that detail after the window (a window ending at
+    # the 99.5th percentile flattened the top of such masses to white). A film label outside
+    # the breast, brighter still, may clip.
+    image = mammogram(400, 240, chest_wall_right=False)
+    y, x = np.mgrid[:400, :240]
+    radius = np.hypot(y - 200, x - 60)
+    image[radius < 24] = (52000 - 300 * radius[radius < 24]).astype(np.uint16)
+    image[10:30, 200:236] = 65000  # a film label in a far corner
+    prepared, meta = prepare_image(image, 1.0)
+    core = apply_geometry((radius < 24).astype(np.uint8), meta) > 0
+    values = prepared[core]
+    assert (values == values.max()).mean() < 0.01, "the mass's core is flattened to one value"
+    assert np.corrcoef(values, apply_geometry(radius.astype(np.float32), meta)[core])[0, 1] < -0.99

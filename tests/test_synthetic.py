@@ -336,7 +336,7 @@ def test_realistic_masks_are_one_blob_each_and_inside_the_breast_crop(realistic)
     from preprocessing import breast_region
 
     for m, image, masks, _ in realistic[REALISTIC_SIZES[1]]:
-        (y0, y1, x0, x1), chest_wall_right = breast_region(image)
+        (y0, y1, x0, x1), chest_wall_right, _ = breast_region(image)
         assert chest_wall_right == (m.side == "RIGHT")
         assert x1 - x0 < 0.8 * image.shape[1]  # the scanner strip and label stay out...
         outer_edge = image[:, -1] if m.side == "LEFT" else image[:, 0]

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+import cbis
 import evaluation
 import inference
 import metrics
@@ -375,13 +376,27 @@ def test_ddp_soft_dice_pools_both_ranks_batches(ddp_run):
 
 def test_loss_is_cross_entropy_plus_soft_dice_by_hand():
     # Uniform logits over 4 classes on a 2x2 image with one benign pixel. Cross-entropy: ln 4.
-    # Soft Dice (eps 1), every probability 1/4: benign (2 * 1/4 + 1) / (4 * 1/4 + 1 + 1) = 1/2;
-    # mass and calc (0 + 1) / (4 * 1/4 + 0 + 1) = 1/2. Loss ln 4 + (1 - 1/2).
+    # Soft Dice of the one class present (benign; every probability 1/4, eps 1e-5):
+    # (2 * 1/4 + eps) / (4 * 1/4 + 1 + eps) = 1/4. Mass and calc are absent and left out: scored
+    # (eps 1e-5) they would pull the mean to 1/12; the classic eps = 1 would make it 1/2.
     logits = torch.zeros(1, 4, 2, 2)
     target = torch.tensor([[[1, 0], [0, 0]]])
-    assert training.segmentation_loss(logits, target).item() == pytest.approx(math.log(4) + 0.5)
+    assert training.segmentation_loss(logits, target).item() == pytest.approx(
+        math.log(4) + 0.75, abs=1e-5)
     assert training.segmentation_loss(logits, target, dice_weight=2).item() == pytest.approx(
-        math.log(4) + 1.0)
+        math.log(4) + 1.5, abs=1e-5)
+
+
+def test_soft_dice_scores_only_the_classes_in_the_batch():
+    # A batch with a mass and nothing else: the Dice term is the mass's soft Dice alone, pooled
+    # over the batch, whatever probability benign and calc get (they are not there to find).
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5] = cbis.MASS
+    logits = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    mass = logits.softmax(1)[:, cbis.MASS]
+    truth = (target == cbis.MASS).float()
+    expected = 1 - (2 * (mass * truth).sum() + 1e-5) / (mass.sum() + truth.sum() + 1e-5)
+    assert training.soft_dice_loss(logits, target).item() == pytest.approx(expected.item())
 
 
 def test_weight_decay_spares_batchnorm_and_biases():
