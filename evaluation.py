@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -110,10 +111,8 @@ def default_results_folder(checkpoints: list[Path], tta: bool) -> Path:
     if len(checkpoints) == 1:
         folder, name = checkpoints[0].resolve().parent.name, checkpoints[0].stem
     else:
-        runs = [path.resolve().parent for path in checkpoints]
-        common = Path(*[part for part, *others in zip(*(r.parts for r in runs), strict=False)
-                        if all(o == part for o in others)])
-        folder, name = common.name, f"ensemble_of_{len(checkpoints)}"
+        common = os.path.commonpath([path.resolve().parent for path in checkpoints])
+        folder, name = Path(common).name, f"ensemble_of_{len(checkpoints)}"
     return Path("results") / folder / (name + ("_tta" if tta else ""))
 
 
