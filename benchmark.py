@@ -18,6 +18,9 @@ fp32.
 4. Patch mode at full size: the cache's MB per mammogram at --patch-scale, and the time and peak
    memory of predicting one full-size DICOM through the sliding window, as predict.py does for
    a patch-trained checkpoint (decode, crop, windows, back to original pixels).
+5. Test-time flips: the inference time of one batch with --tta (the image and its vertical
+   flip) against without, same model and inputs, rounds interleaved: the cost of --tta as a
+   ratio (a sliding window runs the same forward passes per view).
 
 docs/speed.md has a measured table and what makes the difference.
 """
@@ -50,7 +53,7 @@ import training
 from augmentation import augment_batch
 from cbis import NUM_CLASSES
 from dataset import MammogramDataset, group_mammograms
-from inference import predict_at_original, predict_image
+from inference import predict_at_original, predict_image, predict_probabilities, tta_flips
 from main_retrieval import retrieve
 from model import SUPPORTED_BACKBONES, build_model
 from predict import load_image
@@ -353,6 +356,27 @@ def sliding_window_worker(image_path: Path, settings: dict) -> dict:
             "windows": windows, "crop_at_scale": meta["size"], "original": list(mask.shape)}
 
 
+def time_tta(images: torch.Tensor, device: torch.device, settings: dict) -> dict:
+    """Seconds per batch of inference (forward and softmax to CPU probabilities) without and
+    with --tta, on one whole-image model (random weights): the fastest of `repeats` rounds,
+    the two interleaved so both see the same other load."""
+    argv = ["--backbone", settings["backbone"], "--size", *map(str, settings["size"])]
+    config = runs.model_config(runs.get_args_parser().parse_args(argv))
+    net = build_model(config["backbone"], NUM_CLASSES, 1, config["output_stride"],
+                      decoder_channels=config["decoder_channels"]).to(device).eval()
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for round_ in range(settings["warmup"] + settings["repeats"]):
+        for tta in (False, True):
+            start = time.perf_counter()
+            predict_probabilities(net, images, device, config, settings["amp"], tta=tta)
+            if round_ >= settings["warmup"]:  # the probabilities come back to the CPU: synced
+                seconds[tta].append(time.perf_counter() - start)
+    plain, flipped = min(seconds[False]), min(seconds[True])
+    return {"seconds_per_batch": plain, "tta_seconds_per_batch": flipped,
+            "ratio": flipped / plain, "views": len(tta_flips(config, True)),
+            "batch_size": len(images)}
+
+
 def time_patch_mode(mammogram: Mammogram, data_root: Path, work: Path, settings: dict) -> dict:
     cache = PreprocessCache(work / "patch-cache", data_root, settings["patch_scale"])
     cache.build(mammogram)
@@ -394,6 +418,7 @@ def format_table(results: dict) -> str:
     s, data, cache = results["settings"], results["data_path"], results["cache"]
     ours, seed = results["model_step"]["ours"], results["model_step"]["seed"]
     e2e, met, patch = results["end_to_end"], results["targets_met"], results["patch_mode"]
+    tta = results["tta"]
     step_target = TARGETS["model_step_cuda" if results["device"].startswith("cuda")
                           else "model_step_cpu"]
     size = "x".join(map(str, s["size"]))
@@ -424,6 +449,8 @@ def format_table(results: dict) -> str:
         ("sliding window, one full DICOM, s", f"{patch['seconds']:.1f}", "", "", "", ""),
         (f"sliding window, {patch['memory_measure']} MB", f"{patch['peak_memory_mb']:.0f}",
          "", "", "", ""),
+        ("inference s/batch, --tta / without", f"{tta['tta_seconds_per_batch']:.3f}",
+         f"{tta['seconds_per_batch']:.3f}", f"{tta['ratio']:.2f}x", "", ""),
     ]
     header = ("measurement", "ours", "seed / ceiling", "ratio", "target", "met")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -458,6 +485,9 @@ def format_table(results: dict) -> str:
         f"{'x'.join(map(str, patch['crop_at_scale']))} px, {patch['windows']} windows of "
         f"{'x'.join(map(str, s['patch_size']))} (overlap 0.25, {s['batch_size']} per pass),",
         "  decode to mask at original pixels, random weights, in a fresh process",
+        f"test-time flips: {size}, batch {tta['batch_size']}, {tta['views']} views (image and "
+        "vertical flip) vs 1, inference only,",
+        f"  random weights, the fastest of {s['repeats']} interleaved rounds each",
     ]
     return "\n".join(lines + [""] + notes)
 
@@ -548,19 +578,21 @@ def main(argv: list[str] | None = None) -> int:
         stage("writing synthetic DICOMs" if args.data is None else f"reading {args.data}")
         data_root, mammograms = make_data(args.data, work, settings)
         dataset = MammogramDataset(mammograms, PreprocessCache(work / "cache", data_root, size))
-        stage(f"1/4 data path on {len(dataset)} mammograms")
+        stage(f"1/5 data path on {len(dataset)} mammograms")
         seed_data = time_seed_data_path(dataset, size, args.seed)
         cache = time_cache_build(dataset)
         our_data = time_our_data_path(dataset, device, args.batch_size, args.seed)
         images, masks = first_batch(dataset, args.batch_size)
-        stage("2/4 model step: the seed recipe")
+        stage("2/5 model step: the seed recipe")
         seed_step = time_model_step("seed", images, masks, settings)
-        stage("2/4 model step: ours")
+        stage("2/5 model step: ours")
         our_step = time_model_step("ours", images, masks, settings)
-        stage("3/4 end to end")
+        stage("3/5 end to end")
         end_to_end = time_end_to_end(dataset, device, settings)
-        stage("4/4 patch mode: cache entry and sliding window on one full-size DICOM")
+        stage("4/5 patch mode: cache entry and sliding window on one full-size DICOM")
         patch_mode = time_patch_mode(mammograms[0], data_root, work, settings)
+        stage("5/5 test-time flips: inference with and without --tta")
+        tta = time_tta(images, device, settings)
         stage("done")
 
     results = {
@@ -575,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_step": {"ours": our_step, "seed": seed_step},
         "end_to_end": end_to_end,
         "patch_mode": patch_mode,
+        "tta": tta,
         "targets": TARGETS,
     }
     results["targets_met"] = evaluate_targets(results, device)

@@ -57,6 +57,10 @@ CSV_COLUMNS = [
     "collection", "crop_path",
 ]  # fmt: skip
 SIDECAR_NAME = "dataset.json"  # beside the CSVs: data root, schema version, columns
+# Beside the CSVs too: the k-fold assignment of the official training patients (train and val
+# rows alike; the test split never has a fold). One row per patient.
+FOLDS_NAME = "folds.csv"
+FOLDS_COLUMNS = ["patient_id", "fold"]
 
 # ----------------------------------------------------------------------------- folder names
 

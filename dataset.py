@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from cbis import CSV_COLUMNS, SCHEMA_VERSION, SIDECAR_NAME
+from cbis import CSV_COLUMNS, FOLDS_COLUMNS, FOLDS_NAME, SCHEMA_VERSION, SIDECAR_NAME
 from imaging import DatasetError
 from preprocessing import Mammogram, PrepareReport, PreprocessCache, Resolution, prepare_cache
 
@@ -41,6 +41,37 @@ def read_split_csv(path: Path) -> tuple[pd.DataFrame, Path]:
             f"{sidecar.get('schema_version')}, expected {SCHEMA_VERSION}): re-run it"
         )
     return rows, Path(sidecar["data_root"])
+
+
+def read_training_splits(csv_dir: Path, fold: int | None = None
+                         ) -> tuple[dict[str, pd.DataFrame], Path]:
+    """{"train": rows, "val": rows} and the data root: train.csv and val.csv as retrieval split
+    them, or with `fold` K the patients of fold K (folds.csv) as val and the other folds as
+    train. Raises DatasetError naming the file and the fix."""
+    splits, data_root = {}, None
+    for split in ("train", "val"):
+        splits[split], data_root = read_split_csv(csv_dir / f"{split}.csv")
+    if fold is None:
+        return splits, data_root
+    path = csv_dir / FOLDS_NAME
+    if not path.is_file():
+        raise DatasetError(f"no {path}: run main_retrieval.py --folds 5 --out-dir {csv_dir}")
+    folds = pd.read_csv(path, dtype={"patient_id": str})
+    if list(folds.columns) != FOLDS_COLUMNS:
+        raise DatasetError(f"{path} has columns {list(folds.columns)}, not {FOLDS_COLUMNS}: "
+                           "re-run main_retrieval.py")
+    n_folds = int(folds["fold"].max()) + 1
+    if not 0 <= fold < n_folds:
+        raise DatasetError(f"--fold {fold} is not in {path}, which has folds 0..{n_folds - 1}")
+    rows = pd.concat(splits.values(), ignore_index=True)
+    fold_of = rows["patient_id"].map(folds.set_index("patient_id")["fold"])
+    if fold_of.isna().any():
+        patient = rows["patient_id"][fold_of.isna()].iloc[0]
+        raise DatasetError(f"{path} has no fold for patient {patient}: it is older than the "
+                           "CSVs, re-run main_retrieval.py")
+    rows["split"] = np.where(fold_of == fold, "val", "train")
+    return {split: rows[rows["split"] == split].reset_index(drop=True)
+            for split in ("train", "val")}, data_root
 
 
 def group_mammograms(rows: pd.DataFrame) -> list[Mammogram]:
@@ -86,7 +117,13 @@ class MammogramDataset(Dataset):
     def from_csv(cls, csv_path: Path, cache_dir: Path, resolution: Resolution,
                  canonical_flip: bool = True, data_root: Path | None = None) -> MammogramDataset:
         rows, recorded_root = read_split_csv(csv_path)
-        cache = PreprocessCache(cache_dir, data_root or recorded_root, resolution, canonical_flip)
+        return cls.from_rows(rows, cache_dir, data_root or recorded_root, resolution,
+                             canonical_flip)
+
+    @classmethod
+    def from_rows(cls, rows: pd.DataFrame, cache_dir: Path, data_root: Path,
+                  resolution: Resolution, canonical_flip: bool = True) -> MammogramDataset:
+        cache = PreprocessCache(cache_dir, data_root, resolution, canonical_flip)
         return cls(group_mammograms(rows), cache)
 
     def prepare(self, workers: int = 0, skip_unreadable: bool = False,

@@ -27,6 +27,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from cbis import BENIGN, CALC, CLASS_COLOURS, MASS
+from inference import FLIP_NAMES, Member, tta_flips
 
 SEGMENTS = {  # class id -> (label, segmented property type, its modifier)
     BENIGN: ("benign lesion", codes.SCT.Lesion, codes.SCT.Benign),
@@ -49,20 +50,25 @@ class SegAlgorithm:
     parameters: dict[str, str]
 
 
-def segmentation_algorithm(checkpoint: Path, config: dict) -> SegAlgorithm:
-    """The identity of a checkpoint: its SHA-256 (first 16 hex digits as version), file name,
-    input size and preprocessing version."""
-    digest = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+def segmentation_algorithm(members: list[Member], tta: bool = False) -> SegAlgorithm:
+    """The identity of the checkpoint (or ensemble) that made a mask: its SHA-256 (first 16 hex
+    digits as version; an ensemble's is the SHA-256 of its members' in order), file names,
+    input size, preprocessing version and the test-time flips."""
+    digests = [m.sha256 for m in members]
+    version = digests[0] if len(members) == 1 else hashlib.sha256(
+        "".join(digests).encode()).hexdigest()
+    config = members[0].config
+    backbones = ", ".join(dict.fromkeys(m.config["backbone"] for m in members))
     height, width = config["size"]
     return SegAlgorithm(
-        name=f"DeepLabV3+ {config['backbone']} CBIS-DDSM",
-        version=f"sha256:{digest.hexdigest()[:16]}",
-        parameters={"checkpoint": checkpoint.name, "checkpoint_sha256": digest.hexdigest(),
+        name=f"DeepLabV3+ {backbones} CBIS-DDSM"
+             + (f" ensemble of {len(members)}" if len(members) > 1 else ""),
+        version=f"sha256:{version[:16]}",
+        parameters={"checkpoint": ", ".join(m.path.name for m in members),
+                    "checkpoint_sha256": ", ".join(digests),
                     "input_size": f"{height}x{width}",
-                    "preprocess_version": str(config["preprocess_version"])})
+                    "preprocess_version": str(config["preprocess_version"]),
+                    "test_time_flips": ", ".join(FLIP_NAMES[f] for f in tta_flips(config, tta))})
 
 
 def encode_dicom_seg(source: Path, mask: np.ndarray, algorithm: SegAlgorithm) -> bytes | None:

@@ -1,10 +1,13 @@
-"""Evaluate a trained checkpoint on a retrieval CSV (the official test split by default).
+"""Evaluate a trained checkpoint, or an ensemble of them, on a retrieval CSV (the official test
+split by default).
 
 Predictions are made as the model was trained (whole image at its training size, or a sliding
 window over the breast crop at its cache scale; see inference.py), mapped back through the
 breast crop and flip to the original mammogram's pixels and compared with the original ROI
 masks, as the literature reports; the figures at the model's own resolution are kept too, under
-"training_resolution". Confidence intervals come from a bootstrap over patients.
+"training_resolution". Confidence intervals come from a bootstrap over patients. An ensemble's
+softmax probabilities are averaged (and --tta's flips) before any threshold; metrics.json lists
+its checkpoints with their SHA-256.
 Test_deep_labV3+.py is the command-line entry.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -29,11 +33,15 @@ from cbis import CLASS_NAMES, LESION_IDS, MALIGNANT, MALIGNANT_IDS, image_folder
 from dataset import MammogramDataset
 from imaging import DatasetError
 from inference import (
-    load_trained_model,
+    FLIP_NAMES,
+    add_model_flags,
+    ensemble_probabilities,
+    load_ensemble,
     predict_at_original,
-    predict_probabilities,
+    probabilities_npz,
     resolution_of,
-    resolve_checkpoint,
+    resolve_checkpoints,
+    tta_flips,
 )
 from preprocessing import merge_masks, read_roi_masks
 from utils import (
@@ -55,15 +63,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "with patient-bootstrap CIs; writes metrics.json, per_image.csv and plots.",
         formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--checkpoint", default="best.pth",
-        help="a checkpoint path, or the name of one inside --checkpoint-dir")
+    add_model_flags(parser)
     add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
         help="folder searched for --checkpoint names (the training curves come from the "
-             "log.csv beside the checkpoint)")
+             "log.csv beside a single checkpoint)")
     add("--csv", type=Path, default=Path("csv/test.csv"), help="the split to evaluate")
     add("--out", type=Path, default=None,
         help="results folder, emptied of a previous evaluation's files (default: "
-             "results/<run folder name>/<checkpoint name>)")
+             "results/<run folder name>/<checkpoint name>, for an ensemble results/<folder "
+             "of the runs>/ensemble_of_<n>; with --tta, _tta appended)")
     add("--data-root", type=Path, default=None,
         help="CBIS-DDSM download folder, if it moved since main_retrieval.py recorded it")
     add("--cache-dir", type=Path, default=Path("cache"), help="preprocessed-image cache")
@@ -79,6 +87,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="operating point for image-level malignancy sensitivity/specificity")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples (over patients)")
     add("--overlays", type=int, default=8, help="number of image|truth|prediction PNGs")
+    add("--save-probabilities", action="store_true",
+        help="also write probabilities/<case folder>.npz per image: the class probabilities "
+             "(float16) at the model's resolution, with the geometry that maps them to the "
+             "original pixels (inference.load_probabilities, predict_at_original)")
     add("--seed", type=int, default=0, help="bootstrap seed")
     add("--skip-unreadable", action="store_true",
         help="leave out (and list) test mammograms whose DICOMs cannot be read, instead of "
@@ -89,17 +101,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- outputs
 
-RESULT_SUFFIXES = (".json", ".csv", ".png")  # what run() writes, overlays/ included
+RESULT_SUFFIXES = (".json", ".csv", ".png")  # what run() writes, besides its folders
+RESULT_FOLDERS = ("overlays", "probabilities")
 
 
-def prepare_results_folder(out: Path | None, checkpoint_path: Path) -> Path:
-    """--out, or results/<run folder>/<checkpoint stem> (two runs' best.pth never share one),
-    emptied of a previous evaluation's files so no stale overlay or plot survives; a folder
-    holding anything but results is refused (UsageError)."""
-    out = out or Path("results") / checkpoint_path.resolve().parent.name / checkpoint_path.stem
+def default_results_folder(checkpoints: list[Path], tta: bool) -> Path:
+    """results/<run folder>/<checkpoint stem> (two runs' best.pth never share one); for an
+    ensemble results/<the runs' common folder>/ensemble_of_<n>; _tta appended with --tta."""
+    if len(checkpoints) == 1:
+        folder, name = checkpoints[0].resolve().parent.name, checkpoints[0].stem
+    else:
+        common = os.path.commonpath([path.resolve().parent for path in checkpoints])
+        folder, name = Path(common).name, f"ensemble_of_{len(checkpoints)}"
+    return Path("results") / folder / (name + ("_tta" if tta else ""))
+
+
+def prepare_results_folder(out: Path) -> Path:
+    """out, emptied of a previous evaluation's files so no stale overlay, plot or probability
+    file survives; a folder holding anything but results is refused (UsageError)."""
     entries = [e for e in out.iterdir() if not e.name.startswith(".")] if out.is_dir() else []
     if entries:
-        ours = [e for e in entries if (e.name == "overlays" and e.is_dir())
+        ours = [e for e in entries if (e.name in RESULT_FOLDERS and e.is_dir())
                 or (e.is_file() and e.suffix in RESULT_SUFFIXES)]
         foreign = [e for e in entries if e not in ours]
         if foreign or not ((out / "metrics.json").is_file() or (out / "per_image.csv").is_file()):
@@ -272,9 +294,10 @@ def summarise(acc: Accumulator, table: pd.DataFrame, args) -> dict:
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
-    model, config = load_trained_model(checkpoint_path, device)
-    out = prepare_results_folder(args.out, checkpoint_path)
+    paths = resolve_checkpoints(args.checkpoint, args.checkpoint_dir)
+    members = load_ensemble(paths, device)
+    config = members[0].config  # the input mode every member shares
+    out = prepare_results_folder(args.out or default_results_folder(paths, args.tta))
     try:
         dataset = MammogramDataset.from_csv(args.csv, args.cache_dir, resolution_of(config),
                                             config["canonical_flip"], args.data_root)
@@ -290,10 +313,15 @@ def run(args) -> dict:
     overlays = []
     bar = tqdm(total=len(dataset), desc="evaluating", unit="img", disable=not args.progress)
     for images, masks, indices in loader:
-        probs = predict_probabilities(model, images, device, config, args.amp, args.batch_size)
+        probs = ensemble_probabilities(members, images, device, args.amp, args.batch_size,
+                                       args.tta)
         for image, mask, index, prob in zip(images, masks, indices.tolist(), probs, strict=True):
             mammogram = dataset.mammograms[index]
             meta = dataset.meta(index)
+            if args.save_probabilities:
+                data = probabilities_npz(prob, meta)
+                atomic_write(out / "probabilities" / f"{image_folder_name(mammogram.img_path)}.npz",
+                             lambda tmp, data=data: Path(tmp).write_bytes(data))
             roi_masks, _ = read_roi_masks(mammogram, dataset.cache.data_root,
                                           tuple(meta["original_shape"]))
             row = evaluate_image(acc, prob, mask.numpy(), meta, roi_masks, mammogram.class_ids,
@@ -307,12 +335,15 @@ def run(args) -> dict:
     bar.close()
     table = pd.DataFrame(acc.rows)
     atomic_write(out / "per_image.csv", lambda tmp: table.to_csv(tmp, index=False))
-    results = {"checkpoint": str(checkpoint_path), "csv": str(args.csv), "model": config,
+    results = {"checkpoints": [member.record() for member in members], "csv": str(args.csv),
+               "model": config,
+               "test_time_flips": [FLIP_NAMES[f] for f in tta_flips(config, args.tta)],
                "skipped_unreadable": [path for path, _ in prepared.skipped],
                **summarise(acc, table, args)}
     atomic_write(out / "metrics.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
-    report.write_plots(results, out, checkpoint_path.parent / "log.csv")
+    # An ensemble has no one training run to show.
+    report.write_plots(results, out, paths[0].parent / "log.csv" if len(paths) == 1 else None)
     report.write_overlays(overlays, out / "overlays")
     print(report.headline_table(results))
     print(f"wrote {out}/metrics.json, per_image.csv, plots and {len(overlays)} overlays")

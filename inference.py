@@ -1,15 +1,28 @@
-"""One way to run a trained model over mammograms and map its output back to original pixels,
-and the checkpoint loading that gives that model.
+"""One way to run a trained model (or an ensemble of them) over mammograms and map its output
+back to original pixels, and the checkpoint loading that gives those models.
 
 Whole-image checkpoints see the breast crop resized to their training size in one forward pass;
 patch checkpoints see the crop at their cache scale through a sliding window of their patch size
 (MONAI's sliding_window_inference: overlapping windows blended with Gaussian weights, batched).
 The checkpoint's config says which, so validation, the test script and predict.py infer the way
 the model was trained with no extra flags.
+
+An ensemble (several --checkpoint, or a folder of fold runs) averages its members' softmax
+probabilities before any argmax or threshold. Its members must share classes and input mode
+(resolution, canonical side, channels), so the mean is taken on one grid; mapping back to the
+original pixels is linear, so that mean is also the mean at original resolution. Test-time
+flips (--tta) average each member over the image and its vertical flip, the one flip training
+augments with; a horizontal flip would put the chest wall on the right, which a checkpoint
+trained on canonically flipped breasts (the default) never saw, so only a --no-canonical-flip
+checkpoint gets it (and both flips together).
 """
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -19,10 +32,15 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from augmentation import normalize_input, unit_range
-from cbis import LESIONS
+from cbis import CLASS_NAMES, LESIONS
 from model import build_model
 from preprocessing import PREPROCESS_VERSION, Resolution, prepare_image, restore_to_original
-from utils import CheckpointError, autocast_for, load_checkpoint
+from utils import CheckpointError, autocast_for, file_sha256, load_checkpoint
+
+# Dims of an (N, C, H, W) batch flipped by each test-time view; () is the image itself.
+VERTICAL, HORIZONTAL = 2, 3
+FLIP_NAMES = {(): "none", (VERTICAL,): "vertical", (HORIZONTAL,): "horizontal",
+              (VERTICAL, HORIZONTAL): "both"}
 
 
 def resolution_of(config: dict) -> Resolution:
@@ -48,21 +66,63 @@ def predict_logits(model: nn.Module, images: torch.Tensor, config: dict, amp: st
         padding_mode="constant", cval=0.0)
 
 
+def tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
+    """The views --tta averages (see the module docstring): the image alone without tta; with
+    it also its vertical flip, and the horizontal ones only where training kept both sides."""
+    if not tta:
+        return [()]
+    if config["canonical_flip"]:
+        return [(), (VERTICAL,)]
+    return list(FLIP_NAMES)
+
+
 def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
-                          config: dict, amp: str = "auto",
-                          windows_per_batch: int = 4) -> np.ndarray:
-    """Softmax probabilities (N, C, H, W) float32 on the CPU for uint16 images as cached."""
-    logits = predict_logits(model, unit_range(images.to(device)), config, amp, windows_per_batch)
-    return logits.softmax(1).cpu().numpy()
+                          config: dict, amp: str = "auto", windows_per_batch: int = 4,
+                          tta: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, C, H, W) float32 on the CPU for uint16 images as cached; with
+    tta, their mean over the tta_flips views, each flipped back (whole image and sliding
+    window alike)."""
+    images = unit_range(images.to(device))
+    flips = tta_flips(config, tta)
+    total = sum(predict_logits(model, images.flip(dims), config, amp, windows_per_batch)
+                .softmax(1).flip(dims) for dims in flips)
+    return (total / len(flips)).cpu().numpy()
 
 
 def predict_image(model: nn.Module, image: np.ndarray, device: torch.device, config: dict,
-                  amp: str = "auto", windows_per_batch: int = 4) -> tuple[np.ndarray, dict]:
+                  amp: str = "auto", windows_per_batch: int = 4,
+                  tta: bool = False) -> tuple[np.ndarray, dict]:
     """(C, h, w) probabilities of one original mammogram at the checkpoint's resolution, and
     the geometry (prepare_image's meta) that predict_at_original needs."""
     prepared, meta = prepare_image(image, resolution_of(config), config["canonical_flip"])
     batch = torch.from_numpy(prepared)[None, None]
-    return predict_probabilities(model, batch, device, config, amp, windows_per_batch)[0], meta
+    return predict_probabilities(model, batch, device, config, amp, windows_per_batch,
+                                 tta)[0], meta
+
+
+@dataclass(frozen=True)
+class Member:
+    """One checkpoint of an ensemble; a single checkpoint is an ensemble of one."""
+
+    model: nn.Module
+    config: dict
+    path: Path | None = None  # None for a model made in memory (tests, the benchmark)
+    sha256: str = ""
+    fold: int | None = None  # Train_deep_labv3+.py --fold; None for train.csv / val.csv
+
+    def record(self) -> dict:
+        """What metrics.json and the DICOM SEG say about this member."""
+        return {"path": str(self.path), "sha256": self.sha256, "fold": self.fold,
+                "backbone": self.config["backbone"]}
+
+
+def ensemble_probabilities(members: list[Member], images: torch.Tensor, device: torch.device,
+                           amp: str = "auto", windows_per_batch: int = 4,
+                           tta: bool = False) -> np.ndarray:
+    """The mean of the members' predict_probabilities (N, C, H, W), before any argmax."""
+    total = sum(predict_probabilities(m.model, images, device, m.config, amp, windows_per_batch,
+                                      tta) for m in members)
+    return total / len(members)
 
 
 def predict_at_original(probs: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +137,88 @@ def predict_at_original(probs: np.ndarray, meta: dict) -> tuple[np.ndarray, np.n
     return restored.argmax(-1).astype(np.uint8), restored[..., LESIONS].sum(-1)
 
 
+def probabilities_npz(probs: np.ndarray, meta: dict) -> bytes:
+    """--save-probabilities' file: probs (C, h, w) as float16 at the model's resolution (the
+    breast crop, flipped to the canonical side, at the checkpoint's size or scale; the
+    original's pixels would be ~100x larger), with the class names and the geometry (meta, as
+    JSON) that predict_at_original needs to map them to the original pixels. Compressed .npz."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=probs.astype(np.float16),
+                        class_names=np.array(CLASS_NAMES), meta=json.dumps(meta))
+    return buffer.getvalue()
+
+
+def load_probabilities(path: Path) -> tuple[np.ndarray, dict]:
+    """(probabilities (C, h, w) float16, meta) of a --save-probabilities file."""
+    with np.load(path) as data:
+        return data["probabilities"], json.loads(str(data["meta"]))
+
+
 # ----------------------------------------------------------------------------- checkpoints
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint (repeatable: an ensemble) and --tta, the same in every script that infers."""
+    parser.add_argument(
+        "--checkpoint", action="append", default=None, metavar="CHECKPOINT",
+        help="a checkpoint path, the name of one inside --checkpoint-dir, or a folder of run "
+             "folders (its */best.pth, e.g. the fold runs of Train_deep_labv3+.py --fold); "
+             "repeat it to combine several: their softmax probabilities are averaged "
+             "(default: best.pth)")
+    parser.add_argument(
+        "--tta", action="store_true",
+        help="test-time flips: average over the image and its vertical flip (2x the inference "
+             "time; a horizontal flip only for checkpoints trained with --no-canonical-flip, "
+             "4x: the default canonical side puts every chest wall on the left)")
+
+
+def resolve_checkpoints(names: list[str] | None, checkpoint_dir: Path) -> list[Path]:
+    """The --checkpoint values as files (default best.pth): a folder gives its */best.pth."""
+    paths = []
+    for name in names or ["best.pth"]:
+        folder = Path(name)
+        if folder.is_dir():
+            found = sorted(folder.glob("*/best.pth"))
+            if not found:
+                raise CheckpointError(f"--checkpoint {folder} is a folder without run folders "
+                                      "holding best.pth: pass checkpoint files, or a folder "
+                                      "like folds/ (folds/fold0/best.pth, ...)")
+            paths += found
+        else:
+            paths.append(resolve_checkpoint(name, checkpoint_dir))
+    seen = set()
+    for path in paths:
+        if path.resolve() in seen:  # it would weigh twice in the mean
+            raise CheckpointError(f"--checkpoint {path} is given twice: pass each checkpoint "
+                                  "once")
+        seen.add(path.resolve())
+    return paths
+
+
+def input_mode(config: dict) -> dict:
+    """What an ensemble's members must share: the classes, and the grid and side they see."""
+    return {"classes": config.get("class_names", config["num_classes"]),
+            "resolution": resolution_of(config), "canonical_flip": config["canonical_flip"],
+            "in_channels": config["in_channels"]}
+
+
+def load_ensemble(paths: list[Path], device: torch.device) -> list[Member]:
+    """Every checkpoint as a Member; CheckpointError (one line) when two disagree on classes or
+    input mode."""
+    members = []
+    for path in paths:
+        checkpoint = load_checkpoint(path)
+        model, config = _trained_model(checkpoint, path, device)
+        members.append(Member(model, config, path, file_sha256(path), checkpoint.get("fold")))
+        first, this = input_mode(members[0].config), input_mode(config)
+        for key, value in first.items():
+            if this[key] != value:
+                raise CheckpointError(
+                    f"{path} cannot join an ensemble with {members[0].path}: {key} "
+                    f"{this[key]!r} vs {value!r}; combine checkpoints trained with the same "
+                    "classes and input mode (--size, or --patch-size and --scale, and "
+                    "--no-canonical-flip)")
+    return members
 
 
 def resolve_checkpoint(name: str, checkpoint_dir: Path) -> Path:
@@ -93,7 +234,10 @@ def resolve_checkpoint(name: str, checkpoint_dir: Path) -> Path:
 
 def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
     """The model a checkpoint describes, with its weights, in eval mode; and its config."""
-    checkpoint = load_checkpoint(path)
+    return _trained_model(load_checkpoint(path), path, device)
+
+
+def _trained_model(checkpoint: dict, path: Path, device: torch.device) -> tuple[nn.Module, dict]:
     config = checkpoint["config"]
     if config.get("preprocess_version") != PREPROCESS_VERSION:
         raise CheckpointError(

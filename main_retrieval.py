@@ -33,6 +33,8 @@ from cbis import (
     CLASS_NAMES,
     CSV_COLUMNS,
     FOLDER_RE,
+    FOLDS_COLUMNS,
+    FOLDS_NAME,
     MALIGNANT_PATHOLOGY,
     SCHEMA_VERSION,
     SIDECAR_NAME,
@@ -398,6 +400,26 @@ def split_by_patient(rows: pd.DataFrame, val_fraction: float, seed: int) -> pd.D
     return rows
 
 
+def assign_folds(rows: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """A patient-level k-fold assignment of the official training patients (train and val rows;
+    the test split never enters): FOLDS_COLUMNS, one row per patient, sorted by patient.
+
+    Stratified by the set of classes a patient has: patients are ordered by that set (seeded
+    random order within it) and dealt to the folds in turn, so every fold gets each set's
+    patients within one of its share and fold sizes differ by at most one patient.
+    """
+    training = rows[rows["split"] != "test"]
+    strata = training.groupby("patient_id")["class_id"].agg(lambda c: tuple(sorted(set(c))))
+    if len(strata) < n_folds:
+        raise RetrievalError(f"{len(strata)} training patients cannot fill --folds {n_folds}: "
+                             f"pass --folds {len(strata)} or less (0 writes no folds)")
+    order = np.random.default_rng(seed).permutation(len(strata))
+    dealt = pd.DataFrame({"patient_id": strata.index, "stratum": strata.to_numpy(),
+                          "order": order}).sort_values(["stratum", "order"])
+    dealt["fold"] = np.arange(len(dealt)) % n_folds
+    return dealt.sort_values("patient_id")[FOLDS_COLUMNS].reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -486,16 +508,22 @@ def check_kept(report: dict) -> str | None:
     return None
 
 
-def write_outputs(rows: pd.DataFrame, report: dict, out_dir: Path) -> None:
-    """The three CSVs, the sidecar and the report, written atomically as one set."""
+def write_outputs(rows: pd.DataFrame, folds: pd.DataFrame | None, report: dict,
+                  out_dir: Path) -> None:
+    """The three CSVs, the folds (if any: else an older folds file goes, it would not fit these
+    CSVs), the sidecar and the report, written atomically as one set."""
     sidecar = {key: report[key] for key in ("schema_version", "data_root", "metadata_dir")}
     sidecar["columns"] = CSV_COLUMNS
     texts = {f"{split}.csv": rows[rows["split"] == split].to_csv(index=False)
              for split in ("train", "val", "test")}
+    if folds is not None:
+        texts[FOLDS_NAME] = folds.to_csv(index=False)
     texts[SIDECAR_NAME] = json.dumps(sidecar, indent=2)
     texts[REPORT_NAME] = json.dumps(report, indent=2)
     atomic_write_all({out_dir / name: lambda tmp, text=text: Path(tmp).write_text(text)
                       for name, text in texts.items()})
+    if folds is None:
+        (out_dir / FOLDS_NAME).unlink(missing_ok=True)
 
 
 def format_report(report: dict) -> str:
@@ -539,7 +567,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: csv)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="fraction of training patients held out for validation (default: 0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="also write folds.csv: the official training patients (train and "
+                             "val) dealt into this many patient-level folds, stratified by "
+                             "their classes, for Train_deep_labv3+.py --fold K; 0 writes none "
+                             "(default: 5)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the train/val split and of the folds")
     return parser
 
 
@@ -548,12 +582,18 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.val_fraction < 1:  # training selects its best checkpoint on val
         print("error: --val-fraction must be in (0, 1)", file=sys.stderr)
         return 2
+    if args.folds < 0 or args.folds == 1:  # one fold would validate on its own training set
+        print(f"error: --folds must be 0 (none) or at least 2, got {args.folds}", file=sys.stderr)
+        return 2
     try:
         check_writable(args.out_dir)
         clean_stale_tmp(args.out_dir, min_age_s=0)  # left by a killed run; we are its writer
         rows, report = retrieve(args.data_root, args.metadata_dir, args.val_fraction, args.seed)
         warning = check_kept(report)
-        write_outputs(rows, report, args.out_dir)
+        folds = assign_folds(rows, args.folds, args.seed) if args.folds else None
+        report["patients_per_fold"] = ([] if folds is None else
+                                       folds["fold"].value_counts().sort_index().tolist())
+        write_outputs(rows, folds, report, args.out_dir)
     except RetrievalError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -561,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_report(report))
-    print(f"wrote {args.out_dir}/{{train,val,test}}.csv and {args.out_dir / REPORT_NAME}")
+    folds_note = f", {FOLDS_NAME} ({args.folds} folds)" if folds is not None else ""
+    print(f"wrote {args.out_dir}/{{train,val,test}}.csv{folds_note} and "
+          f"{args.out_dir / REPORT_NAME}")
     if warning:
         print(warning, file=sys.stderr)
     return 0

@@ -1,6 +1,8 @@
-"""Segment new mammograms with a trained checkpoint: DICOM, PNG or JPEG files, or folders of them.
+"""Segment new mammograms with a trained checkpoint (or an ensemble: --checkpoint repeated, or a
+folder of fold runs): DICOM, PNG or JPEG files, or folders of them.
 
     python predict.py --checkpoint checkpoint/best.pth scans/ extra.png --out predictions
+    python predict.py --checkpoint folds --tta scans/      # the fold runs' mean, with flips
 
 Per image, into --out:
   <name>_mask.png     uint8 class ids (0 background, 1 benign, 2 mass, 3 calc) at the original size
@@ -12,6 +14,9 @@ Per image, into --out:
                       area, centroid [x, y]
   <name>_seg.dcm      DICOM inputs where a lesion is found: the mask as a DICOM Segmentation
                       (one segment per class found; see dicom_seg.py)
+  <name>_probs.npz    with --save-probabilities: the class probabilities (float16) at the
+                      model's resolution and the geometry back to the original pixels (see
+                      inference.probabilities_npz)
 
 Files whose DICOM header calls them ROI masks or cropped images (a TCIA case tree holds both
 beside the mammograms) and, where no SeriesDescription says what a file is, images that look like
@@ -39,7 +44,6 @@ import cv2
 import numpy as np
 import pydicom
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from cbis import CLASS_COLOURS, CLASS_NAMES, MALIGNANT, image_folder_name
@@ -53,11 +57,14 @@ from imaging import (
     read_pixels,
 )
 from inference import (
-    load_trained_model,
+    Member,
+    add_model_flags,
+    ensemble_probabilities,
+    load_ensemble,
     predict_at_original,
-    predict_probabilities,
+    probabilities_npz,
     resolution_of,
-    resolve_checkpoint,
+    resolve_checkpoints,
 )
 from metrics import MIN_LESION_AREA, drop_small_lesions
 from preprocessing import prepare_image, scale_intensities
@@ -89,8 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("inputs", nargs="+", type=Path, metavar="INPUT",
         help="a DICOM, PNG or JPEG file, or a folder of them (searched recursively)")
-    add("--checkpoint", default="best.pth",
-        help="a checkpoint path, or the name of one inside --checkpoint-dir")
+    add_model_flags(parser)
     add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
         help="folder searched for --checkpoint names")
     add("--out", type=Path, default=Path("predictions"),
@@ -100,6 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--min-area", type=positive_int, default=MIN_LESION_AREA,
         help="predicted components smaller than this many original pixels are dropped from "
              "the mask, the overlay and the lesion list (the test script's default too)")
+    add("--save-probabilities", action="store_true",
+        help="also write <name>_probs.npz: the class probabilities (float16) at the model's "
+             "resolution, with the geometry that maps them to the original pixels")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -221,9 +230,11 @@ class _Loaded:
 
 
 def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
-                   algorithm: SegAlgorithm | None = None) -> dict:
-    """Mask, overlay, JSON and, for a DICOM with `algorithm` given, DICOM SEG of one image from
-    its (C, H, W) probabilities at the model's resolution; returns the JSON's content."""
+                   algorithm: SegAlgorithm | None = None,
+                   save_probabilities: bool = False) -> dict:
+    """Mask, overlay, JSON, for a DICOM with `algorithm` given DICOM SEG, and the probabilities
+    if asked, of one image from its (C, H, W) probabilities at the model's resolution; returns
+    the JSON's content."""
     mask, abnormality = predict_at_original(probs, item.meta)
     lesions = []
     for candidate in drop_small_lesions(abnormality, mask, min_area):
@@ -251,6 +262,8 @@ def _write_outputs(item: _Loaded, probs: np.ndarray, out: Path, min_area: int,
                       CLASS_COLOURS[lesion["class_id"]], 1)
     overlay = out / f"{item.name}_overlay.png"
     files[overlay] = _encode_png(overlay, cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+    if save_probabilities:
+        files[out / f"{item.name}_probs.npz"] = probabilities_npz(probs, item.meta)
 
     y0, y1, x0, x1 = item.meta["box"]
     record = {"source": str(item.path.absolute()), "name": item.name,
@@ -274,15 +287,18 @@ class Summary:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
 
 
-def predict_files(files: list[Path], names: list[str], model: nn.Module, config: dict,
-                  out: Path, device: torch.device, *, batch_size: int = 4, amp: str = "auto",
+def predict_files(files: list[Path], names: list[str], members: list[Member], out: Path,
+                  device: torch.device, *, batch_size: int = 4, amp: str = "auto",
                   min_area: int = MIN_LESION_AREA, progress: bool = True,
-                  algorithm: SegAlgorithm | None = None) -> Summary:
-    """Predict every file in batches and write its outputs as <name>_* into out (a DICOM SEG
-    per DICOM when `algorithm` identifies the model); files that cannot be read, ROI masks and
-    crops are reported on stderr (one line each) and skipped. A patch-trained checkpoint sees
-    one image at a time through its sliding window, batch_size tiles at once."""
+                  algorithm: SegAlgorithm | None = None, tta: bool = False,
+                  save_probabilities: bool = False) -> Summary:
+    """Predict every file in batches with the members' mean (one member: one checkpoint) and
+    write its outputs as <name>_* into out (a DICOM SEG per DICOM when `algorithm` identifies
+    the model); files that cannot be read, ROI masks and crops are reported on stderr (one
+    line each) and skipped. A patch-trained checkpoint sees one image at a time through its
+    sliding window, batch_size tiles at once."""
     out.mkdir(parents=True, exist_ok=True)
+    config = members[0].config  # the input mode every member shares
     resolution = resolution_of(config)
     images_per_batch = 1 if config.get("patch_size") else batch_size
     summary = Summary()
@@ -304,9 +320,10 @@ def predict_files(files: list[Path], names: list[str], model: nn.Module, config:
         if not batch:
             continue
         images = torch.from_numpy(np.stack([item.image for item in batch])).unsqueeze(1)
-        probs_batch = predict_probabilities(model, images, device, config, amp, batch_size)
+        probs_batch = ensemble_probabilities(members, images, device, amp, batch_size, tta)
         for item, probs in zip(batch, probs_batch, strict=True):
-            summary.records.append(_write_outputs(item, probs, out, min_area, algorithm))
+            summary.records.append(_write_outputs(item, probs, out, min_area, algorithm,
+                                                  save_probabilities))
             bar.update()
     bar.close()
     return summary
@@ -316,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         files = collect_inputs(args.inputs, exclude=args.out)
-        checkpoint = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
+        checkpoints = resolve_checkpoints(args.checkpoint, args.checkpoint_dir)
         device = resolve_device(args.device)
-        model, config = load_trained_model(checkpoint, device)
+        members = load_ensemble(checkpoints, device)
     except (CheckpointError, DatasetError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -327,10 +344,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
-        summary = predict_files(files, output_names(files, args.inputs), model, config,
-                                args.out, device, batch_size=args.batch_size, amp=args.amp,
+        summary = predict_files(files, output_names(files, args.inputs), members, args.out,
+                                device, batch_size=args.batch_size, amp=args.amp,
                                 min_area=args.min_area, progress=args.progress,
-                                algorithm=segmentation_algorithm(checkpoint, config))
+                                algorithm=segmentation_algorithm(members, args.tta),
+                                tta=args.tta, save_probabilities=args.save_probabilities)
     except DiskFullError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

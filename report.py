@@ -54,8 +54,12 @@ def headline_table(results: dict) -> str:
                  results["malignancy"]["auc"]))
     label_width = max(len(label) for label, _ in rows) + 2
     resamples = results["bootstrap"]["resamples"]
+    checkpoints = len(results["checkpoints"])
+    model = f"an ensemble of {checkpoints} checkpoints" if checkpoints > 1 else "one checkpoint"
+    flips = [flip for flip in results["test_time_flips"] if flip != "none"]
     lines = [f"{results['n_images']} images, {results['n_lesions']} lesions, "
-             f"{results['n_patients']} patients ({results['csv']})",
+             f"{results['n_patients']} patients ({results['csv']}); {model}"
+             + (f", test-time flips: {', '.join(flips)}" if flips else ""),
              f"original resolution; lesions: predicted components >= {min_area} px, "
              f"a hit at IoU >= {iou}",
              f"{'metric':<{label_width}}{'value [95% CI]':<24}valid/{resamples} resamples"]
@@ -65,7 +69,7 @@ def headline_table(results: dict) -> str:
     return "\n".join(["=" * width, *lines, "=" * width])
 
 
-def write_plots(results: dict, out: Path, log_path: Path) -> list[Path]:
+def write_plots(results: dict, out: Path, log_path: Path | None) -> list[Path]:
     """froc.png, roc.png, confusion_matrix.png and, if log.csv exists, training_curves.png."""
     written = []
     detection = results["original_resolution"]["detection"]
@@ -105,7 +109,7 @@ def write_plots(results: dict, out: Path, log_path: Path) -> list[Path]:
     fig.colorbar(image, ax=ax)
     written.append(_save(fig, out / "confusion_matrix.png"))
 
-    if log_path.exists():
+    if log_path is not None and log_path.exists():
         written.append(plot_training_curves(log_path, out / "training_curves.png"))
     return written
 

@@ -20,7 +20,7 @@ import pydicom
 import torch
 
 from cbis import CLASS_NAMES, NUM_CLASSES
-from dataset import MammogramDataset, read_split_csv
+from dataset import MammogramDataset, read_training_splits
 from imaging import DatasetError
 from inference import resolution_of
 from model import SUPPORTED_BACKBONES, build_model, pretrained_file
@@ -116,6 +116,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="start a new run in a --checkpoint-dir that holds another one, deleting its "
              "last.pth, best.pth, log.csv, train.log and training_curves.png (without it such "
              "a folder is refused)")
+    add("--fold", type=int, default=None, metavar="K",
+        help="cross-validation: validate on fold K of csv-dir/folds.csv (main_retrieval.py "
+             "--folds) and train on the other folds, instead of on train.csv / val.csv; the "
+             "fold is kept in the checkpoint. One run folder per fold, e.g. --checkpoint-dir "
+             "folds/fold0 .. folds/fold4, which the test script and predict.py take as an "
+             "ensemble with --checkpoint folds")
     add("--allow-changed-data", action="store_true",
         help="let --resume go on although the train/val rows or the data root differ from the "
              "run's (the validation patients then change mid-run)")
@@ -208,17 +214,15 @@ def validate_args(args: argparse.Namespace, checkpoint: dict | None = None) -> d
                          ("--cache-dir", args.cache_dir)):
         check_writable_dir(folder, flag)
     check_run_folder(args)
-    splits = {}
-    for split in ("train", "val"):
-        try:
-            splits[split], recorded_root = read_split_csv(args.csv_dir / f"{split}.csv")
-        except DatasetError as error:
-            raise UsageError(f"--csv-dir: {error}") from error
+    try:
+        splits, recorded_root = read_training_splits(args.csv_dir, args.fold)
+    except DatasetError as error:
+        raise UsageError(f"--csv-dir: {error}") from error
     root = Path(args.data_root or recorded_root)
     check_data_root(args, root, splits["train"])
     data = {"data_root": str(root.resolve()), "csv_dir": str(args.csv_dir.resolve()),
             "cache_dir": str(args.cache_dir.resolve()), "fingerprint": data_fingerprint(splits),
-            "rows": {split: len(rows) for split, rows in splits.items()}}
+            "rows": {split: len(rows) for split, rows in splits.items()}, "fold": args.fold}
     if checkpoint is not None and not args.allow_changed_data:
         check_same_data(checkpoint.get("data"), data, args)
     check_free_space(args)
@@ -357,10 +361,7 @@ def check_free_space(args: argparse.Namespace) -> None:
     # Weights, AdamW's two moments and room for one more copy (e.g. an averaged model).
     checkpoint_bytes = 4 * 4 * sum(t.numel() for t in net.state_dict().values()) + (1 << 20)
     missing, first = 0, None
-    for split in ("train", "val"):
-        dataset = MammogramDataset.from_csv(args.csv_dir / f"{split}.csv", args.cache_dir,
-                                            resolution_of(model_config(args)),
-                                            args.canonical_flip, args.data_root)
+    for dataset in split_datasets(args).values():
         missing += len(dataset.cache.missing(dataset.mammograms))
         if first is None and dataset.mammograms:
             first = dataset.cache.data_root / dataset.mammograms[0].img_path
@@ -384,6 +385,16 @@ def check_free_space(args: argparse.Namespace) -> None:
             raise UsageError(f"not enough free space for {flag} {folder}: {format_bytes(free)} "
                              f"free, this run needs about {format_bytes(size)} "
                              f"({' and '.join(what)}); free some space or choose another folder")
+
+
+def split_datasets(args: argparse.Namespace) -> dict[str, MammogramDataset]:
+    """{"train": ..., "val": ...} as the flags choose them (--fold, or train.csv / val.csv),
+    on the run's cache; nothing is preprocessed yet."""
+    splits, recorded_root = read_training_splits(args.csv_dir, args.fold)
+    return {split: MammogramDataset.from_rows(rows, args.cache_dir, args.data_root or recorded_root,
+                                              resolution_of(model_config(args)),
+                                              args.canonical_flip)
+            for split, rows in splits.items()}
 
 
 def mammogram_shape(path: Path | None) -> tuple[int, int]:

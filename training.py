@@ -26,7 +26,7 @@ from augmentation import augment_batch, normalize_input, unit_range
 from cbis import CLASS_NAMES, LESIONS, NUM_CLASSES
 from dataset import EpochSampler, MammogramDataset, PatchDataset
 from imaging import DatasetError
-from inference import predict_logits, resolution_of
+from inference import predict_logits
 from model import build_model
 from report import plot_training_curves
 from runs import (
@@ -36,6 +36,7 @@ from runs import (
     plain_args,
     prepare_run_folder,
     resolve_resume,
+    split_datasets,
     validate_args,
 )
 from utils import (
@@ -262,10 +263,7 @@ def load_datasets(args, dist_info: DistInfo) -> tuple[Dataset, MammogramDataset]
     """Train and val datasets with their cache built once (by rank 0, in parallel). In patch
     mode the training set yields patches and validation sees whole crops."""
     datasets = []
-    for split in ("train", "val"):
-        dataset = MammogramDataset.from_csv(args.csv_dir / f"{split}.csv", args.cache_dir,
-                                            resolution_of(model_config(args)),
-                                            args.canonical_flip, args.data_root)
+    for split, dataset in split_datasets(args).items():
         if dist_info.is_main:
             report = dataset.prepare(args.workers, args.skip_unreadable, args.progress)
             for img_path, error in report.skipped:
@@ -342,7 +340,8 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         drop_log_rows_after(log_path, start_epoch)
         inputs = (f"{args.patch_size[0]}x{args.patch_size[1]} patches at scale {args.scale}"
                   if args.patch_size else f"{args.size[0]}x{args.size[1]}")
-        print(f"training {args.backbone} DeepLabV3+ on {len(train_set)} "
+        fold = "" if args.fold is None else f"fold {args.fold}: "
+        print(f"{fold}training {args.backbone} DeepLabV3+ on {len(train_set)} "
               f"{'patches' if args.patch_size else 'mammograms'} per epoch "
               f"({len(val_set)} val mammograms) at {inputs}, {dist_info.world_size} "
               f"process(es) on {device}, epochs {start_epoch + 1}..{args.epochs}")
@@ -382,7 +381,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "best_metric": best, "ema_metric": ema, "config": config,
                      "args": plain_args(args), "val_dice": [float(d) for d in val["dice"]],
-                     "data": data}
+                     "data": data, "fold": args.fold}
             save_checkpoint(state, args.checkpoint_dir / "last.pth")
             if improved:
                 save_checkpoint(state, args.checkpoint_dir / "best.pth")

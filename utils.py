@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import hashlib
 import os
 import pickle
 import random
@@ -160,6 +161,15 @@ def clean_stale_tmp(folder: Path, min_age_s: float = 600.0) -> list[Path]:
         except FileNotFoundError:  # its writer renamed or removed it just now
             continue
     return removed
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (hex), read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

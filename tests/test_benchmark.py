@@ -31,6 +31,9 @@ def test_benchmark_writes_the_three_ratios(tmp_path, capsys):
     assert patch["original"] == [240, 150] and patch["windows"] >= 2 and patch["seconds"] > 0
     assert patch["cache_mb_per_image"] > 0
     assert results["settings"]["backbone"] == "resnet18"
+    tta = results["tta"]
+    assert tta["views"] == 2 and tta["ratio"] == tta["tta_seconds_per_batch"] / tta[
+        "seconds_per_batch"] > 0
     assert "model step" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # temporary data removed
 

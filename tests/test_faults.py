@@ -398,14 +398,14 @@ def test_evaluation_results_per_run_without_stale_outputs(run, tmp_path, monkeyp
     mine.mkdir()
     (mine / "notes.txt").write_text("not a result")
     with pytest.raises(UsageError, match="notes.txt, which is not a result"):
-        evaluation.prepare_results_folder(mine, run.folder / "best.pth")
+        evaluation.prepare_results_folder(mine)
 
 
 def test_predict_writes_an_images_outputs_as_a_set(run, tmp_path, monkeypatch):
     image = tmp_path / "in" / "scan.png"
     image.parent.mkdir()
     cv2.imwrite(str(image), mammogram(96, 64, chest_wall_right=False))
-    net, config = inference.load_trained_model(run.folder / "best.pth", torch.device("cpu"))
+    members = inference.load_ensemble([run.folder / "best.pth"], torch.device("cpu"))
     out = tmp_path / "out"
     real_write = Path.write_bytes
     writes = []
@@ -418,11 +418,11 @@ def test_predict_writes_an_images_outputs_as_a_set(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_bytes", second_write_fails)
     with pytest.raises(OSError, match="no space left on device"):
-        predict.predict_files([image], ["scan"], net, config, out, torch.device("cpu"),
+        predict.predict_files([image], ["scan"], members, out, torch.device("cpu"),
                               progress=False)
     monkeypatch.undo()
     assert os.listdir(out) == []
-    predict.predict_files([image], ["scan"], net, config, out, torch.device("cpu"),
+    predict.predict_files([image], ["scan"], members, out, torch.device("cpu"),
                           progress=False)
     assert sorted(os.listdir(out)) == ["scan.json", "scan_mask.png", "scan_overlay.png"]
 

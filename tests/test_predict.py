@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 
 import dicom_seg
 import imaging
+import inference
 import model
 import predict
 import preprocessing
@@ -333,7 +334,8 @@ def test_prediction_lands_on_the_chest_wall_side_of_either_breast(inputs, tmp_pa
     # box's w, so the mass/background edge lies at w / 2 - 0.5 in the model's frame.
     files = [inputs["left"], inputs["right"]]
     config = {"size": [64, 48], "canonical_flip": True}
-    summary = predict.predict_files(files, ["left", "right"], MassOnTheLeft(), config,
+    summary = predict.predict_files(files, ["left", "right"],
+                                    [inference.Member(MassOnTheLeft(), config)],
                                     tmp_path / "out", torch.device("cpu"), progress=False)
     assert len(summary.records) == 2
     for record in summary.records:
