@@ -280,12 +280,12 @@ def _plan_abnormality(n: int, collection: str, rng: np.random.Generator,
 
 
 def _plan(patients: int, defects: bool, rng: np.random.Generator,
-          subtlety: tuple[int, int] = (1, 5), densities: tuple[int, int] = (1, 4)
-          ) -> list[_Mammogram]:
+          subtlety: tuple[int, int] = (1, 5), densities: tuple[int, int] = (1, 4),
+          test_share: float = 0.25) -> list[_Mammogram]:
     """Draw every random choice that is not pixels: patients, splits, views, clinical columns;
     subtlety and density only from their (lowest, highest) ranges."""
     ids = np.sort(rng.choice(np.arange(1, 2100), size=patients, replace=False))
-    test = set(rng.choice(ids, size=round(0.25 * patients), replace=False).tolist())
+    test = set(rng.choice(ids, size=round(test_share * patients), replace=False).tolist())
     plan = []
     for pid in ids.tolist():
         density = _draw(DENSITY_SHARES, densities, rng)
@@ -1157,6 +1157,7 @@ def make_synthetic_dataset(
     detail_rows: int | None = None,
     subtlety: tuple[int, int] = (1, 5),
     density: tuple[int, int] = (1, 4),
+    test_share: float = 0.25,
 ) -> dict:
     """Write out_dir/CBIS-DDSM/ and the four description CSVs (layout "tcia"), or out_dir/jpeg/
     and out_dir/csv/ (layout "kaggle"); return a summary of what was written.
@@ -1167,7 +1168,8 @@ def make_synthetic_dataset(
     the realistic lesions' visibility (a contrast ladder: 1, 2, 4, 8); detail_rows sizes their
     fine detail as on a scan of that many rows (default: size's height); subtlety and density
     restrict the CSV ratings drawn (and so the realistic lesions' visibility) to a (lowest,
-    highest) range, e.g. (1, 3) and (3, 4) for the hard end. Raises
+    highest) range, e.g. (1, 3) and (3, 4) for the hard end; test_share is the share of
+    patients in the official test split (CBIS-DDSM's is about 0.2). Raises
     FileExistsError if the image folder exists, ValueError for unusable arguments.
     """
     out_dir = Path(out_dir)
@@ -1182,10 +1184,13 @@ def make_synthetic_dataset(
     if not (1 <= subtlety[0] <= subtlety[1] <= 5 and 1 <= density[0] <= density[1] <= 4):
         raise ValueError(f"need 1 <= subtlety low <= high <= 5 and 1 <= density low <= high "
                          f"<= 4, got {subtlety} and {density}")
+    if not 0 <= test_share < 1:
+        raise ValueError(f"need 0 <= test_share < 1, got {test_share}")
     root = out_dir / image_folder(layout)
     if root.exists():
         raise FileExistsError(f"{root} already exists (use --overwrite to replace it)")
-    plan = _plan(patients, defects, np.random.default_rng(seed), tuple(subtlety), tuple(density))
+    plan = _plan(patients, defects, np.random.default_rng(seed), tuple(subtlety), tuple(density),
+                 test_share)
     root.mkdir(parents=True)
     info = []
     for index, m in enumerate(tqdm(plan, desc="synthetic mammograms", disable=not progress)):
@@ -1252,6 +1257,9 @@ def main(argv: list[str] | None = None) -> int:
         "lesion visibility follows them) only from LOW..HIGH, with the real shares")
     add("--density", type=int, nargs=2, default=(1, 4), metavar=("LOW", "HIGH"),
         help="draw BI-RADS breast density (1 fatty .. 4 dense) only from LOW..HIGH")
+    add("--test-share", type=float, default=0.25, metavar="S",
+        help="share of patients in the official test split (default 0.25; a larger test split "
+        "narrows the confidence intervals of a study)")
     add("--overwrite", action="store_true", help="replace an existing OUT/CBIS-DDSM (OUT/jpeg)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
@@ -1271,6 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
             args.detail_rows,
             tuple(args.subtlety),
             tuple(args.density),
+            args.test_share,
         )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
