@@ -38,7 +38,7 @@ flags: $(VENV)/.installed
 benchmark: $(VENV)/.installed
 	$(PY) benchmark.py --quick
 
-# The resolution study of docs/study.md (realistic synthetic set; 37 minutes on 2 CPU cores).
+# The resolution study of docs/study.md (realistic synthetic set; 29 minutes on 2 CPU cores).
 study: $(VENV)/.installed
 	$(PY) study.py run --out runs/study --overwrite
 

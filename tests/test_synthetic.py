@@ -217,6 +217,22 @@ def test_cli_refuses_existing_tree_unless_overwrite(tmp_path, capsys):
     assert synthetic.main([*args, "--overwrite"]) == 0
 
 
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_test_share_is_the_share_of_test_patients(share):
+    plan = synthetic._plan(40, False, np.random.default_rng(3), test_share=share)
+    test_patients = {m.patient for m in plan if m.split == "Test"}
+    assert len(test_patients) == round(share * 40)
+    assert not test_patients & {m.patient for m in plan if m.split == "Training"}
+
+
+def test_cli_refuses_a_test_share_outside_0_1(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--patients", "2", "--size", "128", "80", "--no-progress"]
+    assert synthetic.main([*args, "--test-share", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "test_share" in err and "\n" not in err
+    assert not (tmp_path / "CBIS-DDSM").exists()
+
+
 def test_kaggle_layout_has_the_copys_files_and_quirks(kaggle_root):
     info = pd.read_csv(kaggle_root / "csv" / "dicom_info.csv", dtype=str, keep_default_na=False)
     assert {p.name for p in (kaggle_root / "csv").iterdir()} >= {*CSV_NAMES, "meta.csv"}
