@@ -10,6 +10,7 @@ of them centred on a lesion. Samples stay uint16/uint8; augmentation.py runs on 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,8 +225,22 @@ def read_window(array: np.ndarray, top: int, left: int, size: tuple[int, int]) -
     return window
 
 
-class EpochSampler(DistributedSampler):
-    """DistributedSampler whose items are (index, epoch), so a PatchDataset draws new patches
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose next epoch can start part-way: `skip` items of this rank's
+    share are left out once (a run resumed after a preemption, at the step it stopped)."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class EpochSampler(ResumableSampler):
+    """ResumableSampler whose items are (index, epoch), so a PatchDataset draws new patches
     each epoch without state in the workers (persistent workers keep their own copies)."""
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

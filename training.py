@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,10 +25,18 @@ from tqdm import tqdm
 import metrics
 from augmentation import augment_batch, normalize_input, unit_range
 from cbis import CLASS_NAMES, LESIONS, NUM_CLASSES
-from dataset import EpochSampler, MammogramDataset, PatchDataset
+from dataset import EpochSampler, MammogramDataset, PatchDataset, ResumableSampler
 from imaging import DatasetError
 from inference import predict_logits
 from model import build_model
+from preemption import (
+    EXIT_PREEMPTED,
+    PreemptedError,
+    PreemptionWatch,
+    gather_rng_states,
+    restore_rng_state,
+    rng_state,
+)
 from report import plot_training_curves
 from runs import (
     drop_log_rows_after,
@@ -167,15 +176,35 @@ def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
     return images, masks.to(device, non_blocking=True)
 
 
+@dataclass
+class EpochResult:
+    loss: float  # mean training loss over all ranks (of the steps so far, when stopped)
+    steps: int  # steps this call took
+    stopped_at: dict | None = None  # preempted before the epoch's end: last.pth's partial_epoch
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, device: torch.device, args,
-                    generator: torch.Generator, dist_info: DistInfo) -> float:
-    """One pass over the training set; returns the mean loss over all ranks."""
+                    generator: torch.Generator, dist_info: DistInfo,
+                    watch: PreemptionWatch | None = None,
+                    resumed: dict | None = None) -> EpochResult:
+    """One pass over the training set, or its rest after a preemption (`resumed`: the
+    checkpoint's partial_epoch; the loader's sampler skips the steps it took). With `watch`, a
+    preemption signal stops it after the step in progress, with the record to resume from."""
     model.train()
     channels_last = device.type == "cuda"
     loss_sum = torch.zeros(2, device=device)
+    steps_before = 0
+    if resumed is not None:
+        steps_before = resumed["step"]
+        if dist_info.is_main:  # the sums are all-reduced: one rank carries them on
+            loss_sum += torch.tensor(resumed["loss_sum"], device=device)
     bar = tqdm(loader, desc="train", leave=False, disable=not (args.progress and dist_info.is_main))
-    for step, (images, masks, _) in enumerate(bar):
+    steps = len(loader)
+    for step, (images, masks, _) in enumerate(bar, start=1):
+        if resumed is not None:  # after the fetch: the streams as the stopped run left them
+            restore_rng_state(resumed["rng"][dist_info.rank], generator, device)
+            resumed = None
         images, masks = to_device(images, masks, device, channels_last)
         if args.augment:
             images, masks = augment_batch(images, masks, generator)
@@ -190,10 +219,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         scheduler.step()
         loss_sum[0] += loss.detach() * len(images)
         loss_sum[1] += len(images)
-        if not bar.disable and step % 10 == 0:  # .item() waits for the device: not every step
+        if not bar.disable and step % 10 == 1:  # .item() waits for the device: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step < steps and watch is not None and watch.requested(device):
+            bar.close()
+            total = all_reduce_sum(loss_sum)
+            return EpochResult((total[0] / total[1]).item(), step, {
+                "step": steps_before + step, "loss_sum": total.tolist(),
+                "rng": gather_rng_states(rng_state(generator, device))})
     loss_sum = all_reduce_sum(loss_sum)
-    return (loss_sum[0] / loss_sum[1]).item()
+    return EpochResult((loss_sum[0] / loss_sum[1]).item(), steps)
 
 
 @torch.no_grad()
@@ -245,7 +280,7 @@ def make_loader(dataset: MammogramDataset | PatchDataset, args, dist_info: DistI
     crops differ in size (the sliding window batches its tiles).
     """
     if train:
-        sampler_type = EpochSampler if args.patch_size else DistributedSampler
+        sampler_type = EpochSampler if args.patch_size else ResumableSampler
         sampler = sampler_type(dataset, num_replicas=dist_info.world_size,
                                rank=dist_info.rank, shuffle=True,
                                seed=derive_seed(SAMPLER_SEED, args.seed))
@@ -316,7 +351,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         args, device, None if checkpoint else args.pretrained,
         warmup_steps=max(1, round(args.warmup_epochs * steps_per_epoch)),
         total_steps=args.epochs * steps_per_epoch)
-    start_epoch, best, ema = 0, -1.0, None
+    start_epoch, best, ema, partial_epoch = 0, -1.0, None, None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -324,6 +359,11 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         ema = checkpoint.get("ema_metric")
+        partial_epoch = checkpoint.get("partial_epoch")  # preempted mid-epoch
+        if partial_epoch is not None and len(partial_epoch["rng"]) != dist_info.world_size:
+            raise UsageError(f"{args.resume} stopped mid-epoch with {len(partial_epoch['rng'])} "
+                             f"processes: resume it with as many (this is "
+                             f"{dist_info.world_size})")
     trained = model
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -345,61 +385,84 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
               f"{'patches' if args.patch_size else 'mammograms'} per epoch "
               f"({len(val_set)} val mammograms) at {inputs}, {dist_info.world_size} "
               f"process(es) on {device}, epochs {start_epoch + 1}..{args.epochs}")
-    row = {}
-    for epoch in range(start_epoch, args.epochs):
-        start = time.perf_counter()
-        # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
-        torch.manual_seed(derive_seed(TORCH_SEED, args.seed, epoch))
-        train_sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(
-            derive_seed(AUGMENT_SEED, args.seed, epoch, dist_info.rank))
-        train_loss = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device,
-                                     args, generator, dist_info)
-        train_seconds = time.perf_counter() - start
-        # The plain model: ranks may see different numbers of val batches, and DDP's forward
-        # would wait for the others.
-        broadcast_buffers(model)  # every rank validates the model rank 0 saves
-        val = validate(model, val_loader, device, args, dist_info)
-        seconds = time.perf_counter() - start
-        ema = update_ema(ema, val["mean_fg_dice"])
-        row = {"epoch": epoch + 1, "lr": last_step_lr(scheduler),
-               "train_loss": round(train_loss, 5), "val_loss": round(val["val_loss"], 5),
-               **{f"dice_{name}": round(float(d), 4)
-                  for name, d in zip(CLASS_NAMES[LESIONS], val["dice"][LESIONS], strict=True)},
-               "mean_fg_dice": round(val["mean_fg_dice"], 4),
-               "ema_fg_dice": round(math.nan if ema is None else ema, 4),
-               "seconds": round(seconds, 1),
-               "train_images_per_s": round(len(train_loader) * args.batch_size
-                                           * dist_info.world_size / train_seconds, 2)}
-        improved = ema is not None and ema > best
-        if improved:
-            best = ema
-        if dist_info.is_main:
-            append_csv_row(log_path, row)
-            plot_training_curves(log_path, args.checkpoint_dir / "training_curves.png")
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "best_metric": best, "ema_metric": ema, "config": config,
-                     "args": plain_args(args), "val_dice": [float(d) for d in val["dice"]],
-                     "data": data, "fold": args.fold}
-            save_checkpoint(state, args.checkpoint_dir / "last.pth")
+
+    def run_state(epochs_done: int) -> dict:
+        """last.pth / best.pth: everything --resume and the test script need."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epochs_done - 1, "best_metric": best, "ema_metric": ema,
+                "config": config, "args": plain_args(args), "data": data, "fold": args.fold}
+
+    row, last_path = {}, args.checkpoint_dir / "last.pth"
+    with PreemptionWatch() as watch:
+        for epoch in range(start_epoch, args.epochs):
+            start = time.perf_counter()
+            # Everything random in an epoch derives from (seed, epoch): resuming replays it.
+            torch.manual_seed(derive_seed(TORCH_SEED, args.seed, epoch))
+            train_sampler.set_epoch(epoch)
+            generator = torch.Generator().manual_seed(
+                derive_seed(AUGMENT_SEED, args.seed, epoch, dist_info.rank))
+            resumed = partial_epoch if epoch == start_epoch else None
+            if resumed is not None:
+                train_sampler.skip = resumed["step"] * args.batch_size
+            result = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler,
+                                     device, args, generator, dist_info, watch, resumed)
+            if result.stopped_at is not None:
+                if dist_info.is_main:
+                    save_checkpoint({**run_state(epoch), "partial_epoch": result.stopped_at},
+                                    last_path)
+                barrier()
+                raise PreemptedError(f"{watch.signal_name} in epoch {epoch + 1}, after step "
+                                f"{result.stopped_at['step']}: {last_path} holds it")
+            train_seconds = time.perf_counter() - start
+            # The plain model: ranks may see different numbers of val batches, and DDP's
+            # forward would wait for the others.
+            broadcast_buffers(model)  # every rank validates the model rank 0 saves
+            val = validate(model, val_loader, device, args, dist_info)
+            seconds = time.perf_counter() - start
+            ema = update_ema(ema, val["mean_fg_dice"])
+            row = {"epoch": epoch + 1, "lr": last_step_lr(scheduler),
+                   "train_loss": round(result.loss, 5), "val_loss": round(val["val_loss"], 5),
+                   **{f"dice_{name}": round(float(d), 4) for name, d
+                      in zip(CLASS_NAMES[LESIONS], val["dice"][LESIONS], strict=True)},
+                   "mean_fg_dice": round(val["mean_fg_dice"], 4),
+                   "ema_fg_dice": round(math.nan if ema is None else ema, 4),
+                   "seconds": round(seconds, 1),
+                   "train_images_per_s": round(result.steps * args.batch_size
+                                               * dist_info.world_size / train_seconds, 2)}
+            improved = ema is not None and ema > best
             if improved:
-                save_checkpoint(state, args.checkpoint_dir / "best.pth")
-            print(f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f}  "
-                  f"val loss {val['val_loss']:.4f}  val Dice " + "  ".join(
-                      f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("dice_"))
-                  + f"  mean {val['mean_fg_dice']:.3f}  EMA {row['ema_fg_dice']:.3f}"
-                  f"{'  *best' if improved else ''}  "
-                  f"({seconds:.0f} s)")
-        barrier()
+                best = ema
+            if dist_info.is_main:
+                append_csv_row(log_path, row)
+                plot_training_curves(log_path, args.checkpoint_dir / "training_curves.png")
+                state = {**run_state(epoch + 1), "val_dice": [float(d) for d in val["dice"]]}
+                save_checkpoint(state, last_path)
+                if improved:
+                    save_checkpoint(state, args.checkpoint_dir / "best.pth")
+                print(f"epoch {epoch + 1}/{args.epochs}  train loss {result.loss:.4f}  "
+                      f"val loss {val['val_loss']:.4f}  val Dice " + "  ".join(
+                          f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("dice_"))
+                      + f"  mean {val['mean_fg_dice']:.3f}  EMA {row['ema_fg_dice']:.3f}"
+                      f"{'  *best' if improved else ''}  "
+                      f"({seconds:.0f} s)")
+            barrier()
+            # A signal during validation or the checkpoint write: stop at this epoch's end.
+            if epoch + 1 < args.epochs and watch.requested(device):
+                raise PreemptedError(f"{watch.signal_name} in epoch {epoch + 1}: {last_path} holds "
+                                "it")
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit code 0 when the run finished, 2 for a usage error (found before any long work), 1
-    when the run failed (an unreadable DICOM, a full disk)."""
+    when the run failed (an unreadable DICOM, a full disk), EXIT_PREEMPTED (75) when a
+    preemption signal stopped it with last.pth written (resume it with --resume)."""
     try:
         train(*parse_args(argv))
+    except PreemptedError as stop:
+        print(f"preempted: {stop}; continue with --resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (UsageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

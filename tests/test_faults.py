@@ -34,6 +34,7 @@ import utils
 from dataset import MammogramDataset, read_split_csv
 from imaging import DatasetError, read_pixels
 from main_retrieval import DESCRIPTION_FILES
+from preemption import EXIT_PREEMPTED, PreemptionWatch
 from synthetic import write_dicom
 from tests.conftest import SIZE, mammogram, tiny_run_args
 from utils import CheckpointError, DiskFullError, UsageError, load_checkpoint
@@ -516,6 +517,53 @@ def test_sigkill_in_an_epoch_and_in_a_checkpoint_write_then_resume_gives_the_sam
     pd.testing.assert_frame_equal(pd.read_csv(folder / "log.csv")[LOG_VALUES],
                                   pd.read_csv(run.folder / "log.csv")[LOG_VALUES])
     assert not list(folder.glob(".*.tmp"))
+
+
+SIGNAL_AFTER_STEP_1 = """
+import os, signal, sys
+import training
+real, calls = training.augment_batch, []
+def augment(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:  # the scheduler's warning lands during step 1 of epoch 2
+        os.kill(os.getpid(), getattr(signal, os.environ["PREEMPT_SIGNAL"]))
+    return real(*args, **kwargs)
+training.augment_batch = augment
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_preemption_signal_stops_after_the_step_and_resume_gives_the_same_run(run,
+                                                                               signal_name):
+    folder = clone_run(run.after_epoch_1, run.base / f"preempted-{signal_name}")
+    last = folder / "last.pth"
+    resume = ["--resume", str(last), "--workers", "0", "--no-progress"]
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_STEP_1, *resume], cwd=REPO,
+                             capture_output=True, text=True,
+                             env={**os.environ, "PREEMPT_SIGNAL": signal_name})
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
+    assert f"preempted: {signal_name} in epoch 2, after step 1" in stopped.stderr
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["epoch"] == 0 and checkpoint["partial_epoch"]["step"] == 1
+    assert pd.read_csv(folder / "log.csv")["epoch"].tolist() == [1]
+
+    assert training.main(resume) == 0  # step 2 of epoch 2, validation, the epoch's checkpoint
+    straight, again = load_checkpoint(run.folder / "last.pth"), load_checkpoint(last)
+    assert again["epoch"] == straight["epoch"] == 1 and "partial_epoch" not in again
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, again["model"][key]), key
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "log.csv")[LOG_VALUES],
+                                  pd.read_csv(run.folder / "log.csv")[LOG_VALUES])
+
+
+def test_the_watch_turns_preemption_signals_into_a_flag():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionWatch() as watch:
+        assert not watch.requested(torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watch.requested(torch.device("cpu")) and watch.signal_name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) == before  # restored on the way out
 
 
 # ----------------------------------------------------------------------------- exit codes
