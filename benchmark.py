@@ -21,6 +21,9 @@ fp32.
 5. Test-time flips: the inference time of one batch with --tta (the image and its vertical
    flip) against without, same model and inputs, rounds interleaved: the cost of --tta as a
    ratio (a sliding window runs the same forward passes per view).
+6. ONNX on the CPU: predicting one full-size mammogram (decode aside: crop, resize, forward,
+   back to original pixels) with the export.py file run by onnxruntime against the same
+   checkpoint run by torch, same threads, rounds interleaved: the ratio onnxruntime / torch.
 
 docs/speed.md has a measured table and what makes the difference.
 """
@@ -48,12 +51,19 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 from torchvision.models.segmentation import deeplabv3_resnet50
 
+import export
 import runs
 import training
 from augmentation import augment_batch
 from cbis import NUM_CLASSES
 from dataset import MammogramDataset, group_mammograms
-from inference import predict_at_original, predict_image, predict_probabilities, tta_flips
+from inference import (
+    load_onnx_model,
+    predict_at_original,
+    predict_image,
+    predict_probabilities,
+    tta_flips,
+)
 from main_retrieval import retrieve
 from model import SUPPORTED_BACKBONES, build_model
 from predict import load_image
@@ -360,10 +370,7 @@ def time_tta(images: torch.Tensor, device: torch.device, settings: dict) -> dict
     """Seconds per batch of inference (forward and softmax to CPU probabilities) without and
     with --tta, on one whole-image model (random weights): the fastest of `repeats` rounds,
     the two interleaved so both see the same other load."""
-    argv = ["--backbone", settings["backbone"], "--size", *map(str, settings["size"])]
-    config = runs.model_config(runs.get_args_parser().parse_args(argv))
-    net = build_model(config["backbone"], NUM_CLASSES, 1, config["output_stride"],
-                      decoder_channels=config["decoder_channels"]).to(device).eval()
+    net, config = whole_image_model(settings, device)
     seconds: dict[bool, list[float]] = {False: [], True: []}
     for round_ in range(settings["warmup"] + settings["repeats"]):
         for tta in (False, True):
@@ -375,6 +382,44 @@ def time_tta(images: torch.Tensor, device: torch.device, settings: dict) -> dict
     return {"seconds_per_batch": plain, "tta_seconds_per_batch": flipped,
             "ratio": flipped / plain, "views": len(tta_flips(config, True)),
             "batch_size": len(images)}
+
+
+def whole_image_model(settings: dict, device: torch.device) -> tuple[nn.Module, dict]:
+    """A whole-image model at the benchmark's size (random weights) and its config."""
+    argv = ["--backbone", settings["backbone"], "--size", *map(str, settings["size"])]
+    config = runs.model_config(runs.get_args_parser().parse_args(argv))
+    net = build_model(config["backbone"], NUM_CLASSES, 1, config["output_stride"],
+                      decoder_channels=config["decoder_channels"]).to(device).eval()
+    return net, config
+
+
+def time_onnx(image_path: Path, work: Path, settings: dict) -> dict | None:
+    """Seconds to predict one mammogram (already decoded) with torch and with onnxruntime on
+    the CPU, the same random-weight checkpoint exported by export.py; None without
+    onnxruntime."""
+    try:
+        import onnxruntime  # noqa: F401 - optional (requirements-dev.txt)
+    except ImportError:
+        return None
+    net, config = whole_image_model(settings, torch.device("cpu"))
+    checkpoint = work / "onnx-check.pth"
+    torch.save({"model": net.state_dict(), "config": config}, checkpoint)
+    export.export_onnx(checkpoint, work / "model.onnx")
+    models = {"torch": net,
+              "onnxruntime": load_onnx_model(work / "model.onnx", torch.get_num_threads()).model}
+    image = load_image(image_path)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(settings["warmup"] + settings["repeats"]):
+        for name, runner in models.items():
+            start = time.perf_counter()
+            probs, meta = predict_image(runner, image, torch.device("cpu"), config, "none")
+            predict_at_original(probs, meta)
+            if round_ >= settings["warmup"]:
+                seconds[name].append(time.perf_counter() - start)
+    fastest = {name: min(times) for name, times in seconds.items()}
+    return {"torch_seconds": fastest["torch"], "onnxruntime_seconds": fastest["onnxruntime"],
+            "ratio": fastest["onnxruntime"] / fastest["torch"], "original": list(image.shape),
+            "threads": torch.get_num_threads()}
 
 
 def time_patch_mode(mammogram: Mammogram, data_root: Path, work: Path, settings: dict) -> dict:
@@ -418,7 +463,7 @@ def format_table(results: dict) -> str:
     s, data, cache = results["settings"], results["data_path"], results["cache"]
     ours, seed = results["model_step"]["ours"], results["model_step"]["seed"]
     e2e, met, patch = results["end_to_end"], results["targets_met"], results["patch_mode"]
-    tta = results["tta"]
+    tta, onnx = results["tta"], results["onnx"]
     step_target = TARGETS["model_step_cuda" if results["device"].startswith("cuda")
                           else "model_step_cpu"]
     size = "x".join(map(str, s["size"]))
@@ -451,6 +496,9 @@ def format_table(results: dict) -> str:
          "", "", "", ""),
         ("inference s/batch, --tta / without", f"{tta['tta_seconds_per_batch']:.3f}",
          f"{tta['seconds_per_batch']:.3f}", f"{tta['ratio']:.2f}x", "", ""),
+        ("one mammogram on the CPU, s: onnxruntime / torch",
+         *((f"{onnx['onnxruntime_seconds']:.3f}", f"{onnx['torch_seconds']:.3f}",
+            f"{onnx['ratio']:.2f}x") if onnx else ("n/a: no onnxruntime", "", "")), "", ""),
     ]
     header = ("measurement", "ours", "seed / ceiling", "ratio", "target", "met")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -488,6 +536,10 @@ def format_table(results: dict) -> str:
         f"test-time flips: {size}, batch {tta['batch_size']}, {tta['views']} views (image and "
         "vertical flip) vs 1, inference only,",
         f"  random weights, the fastest of {s['repeats']} interleaved rounds each",
+        f"ONNX: one decoded {dicom} mammogram to {size} and back, the same random-weight "
+        f"checkpoint, opset {export.OPSET},",
+        f"  torch fp32 vs onnxruntime CPU, {onnx['threads'] if onnx else '-'} threads each, the "
+        f"fastest of {s['repeats']} interleaved rounds",
     ]
     return "\n".join(lines + [""] + notes)
 
@@ -583,16 +635,18 @@ def main(argv: list[str] | None = None) -> int:
         cache = time_cache_build(dataset)
         our_data = time_our_data_path(dataset, device, args.batch_size, args.seed)
         images, masks = first_batch(dataset, args.batch_size)
-        stage("2/5 model step: the seed recipe")
+        stage("2/6 model step: the seed recipe")
         seed_step = time_model_step("seed", images, masks, settings)
-        stage("2/5 model step: ours")
+        stage("2/6 model step: ours")
         our_step = time_model_step("ours", images, masks, settings)
-        stage("3/5 end to end")
+        stage("3/6 end to end")
         end_to_end = time_end_to_end(dataset, device, settings)
-        stage("4/5 patch mode: cache entry and sliding window on one full-size DICOM")
+        stage("4/6 patch mode: cache entry and sliding window on one full-size DICOM")
         patch_mode = time_patch_mode(mammograms[0], data_root, work, settings)
-        stage("5/5 test-time flips: inference with and without --tta")
+        stage("5/6 test-time flips: inference with and without --tta")
         tta = time_tta(images, device, settings)
+        stage("6/6 ONNX: onnxruntime vs torch on the CPU, one full-size mammogram")
+        onnx = time_onnx(data_root / mammograms[0].img_path, work, settings)
         stage("done")
 
     results = {
@@ -608,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         "end_to_end": end_to_end,
         "patch_mode": patch_mode,
         "tta": tta,
+        "onnx": onnx,
         "targets": TARGETS,
     }
     results["targets_met"] = evaluate_targets(results, device)

@@ -314,7 +314,7 @@ def run(args) -> dict:
     bar = tqdm(total=len(dataset), desc="evaluating", unit="img", disable=not args.progress)
     for images, masks, indices in loader:
         probs = ensemble_probabilities(members, images, device, args.amp, args.batch_size,
-                                       args.tta)
+                                       args.tta, args.stitch)
         for image, mask, index, prob in zip(images, masks, indices.tolist(), probs, strict=True):
             mammogram = dataset.mammograms[index]
             meta = dataset.meta(index)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import benchmark
 import evaluation
+import export
 import main_retrieval
 import predict
 import study
@@ -32,6 +33,7 @@ SCRIPTS: list[tuple[str, str, Callable[[list[str]], int]]] = [  # (script, what 
     ("Train_deep_labv3+.py", "training", training.main),
     ("Test_deep_labV3+.py", "evaluation", evaluation.main),
     ("predict.py", "prediction", predict.main),
+    ("export.py", "ONNX export", export.main),
     ("benchmark.py", "benchmark", benchmark.main),
     ("study.py", "resolution study", study.main),
 ]

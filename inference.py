@@ -15,6 +15,12 @@ flips (--tta) average each member over the image and its vertical flip, the one 
 augments with; a horizontal flip would put the chest wall on the right, which a checkpoint
 trained on canonically flipped breasts (the default) never saw, so only a --no-canonical-flip
 checkpoint gets it (and both flips together).
+
+The sliding window runs its windows on the model's device and stitches their blended output
+where it fits (MONAI's sw_device / device split): on the device, or on the CPU when the
+whole-image buffer would take more than half the device's free memory (--stitch forces either).
+An exported ONNX file (export.py) can stand in for a checkpoint: OnnxModel runs it with
+onnxruntime on the CPU, behind the same preprocessing, window and mapping back.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from augmentation import normalize_input, unit_range
 from cbis import CLASS_NAMES, LESIONS
 from model import build_model
 from preprocessing import PREPROCESS_VERSION, Resolution, prepare_image, restore_to_original
-from utils import CheckpointError, autocast_for, file_sha256, load_checkpoint
+from utils import CheckpointError, UsageError, autocast_for, file_sha256, load_checkpoint
 
 # Dims of an (N, C, H, W) batch flipped by each test-time view; () is the image itself.
 VERTICAL, HORIZONTAL = 2, 3
 FLIP_NAMES = {(): "none", (VERTICAL,): "vertical", (HORIZONTAL,): "horizontal",
               (VERTICAL, HORIZONTAL): "both"}
+STITCH_CHOICES = ("auto", "device", "cpu")
+CONFIG_KEY = "cbis_ddsm_config"  # the ONNX metadata entry holding a checkpoint's config
 
 
 def resolution_of(config: dict) -> Resolution:
@@ -48,10 +56,33 @@ def resolution_of(config: dict) -> Resolution:
     return float(config["scale"]) if config.get("patch_size") else tuple(config["size"])
 
 
+def stitch_on_cpu(buffer_bytes: int, free_bytes: int, stitch: str = "auto") -> bool:
+    """Whether the sliding window stitches on the CPU: as --stitch says, or (auto) when its
+    output buffer would take more than half the device's free memory."""
+    if stitch not in STITCH_CHOICES:
+        raise ValueError(f"stitch must be one of {STITCH_CHOICES}, got {stitch!r}")
+    if stitch != "auto":
+        return stitch == "cpu"
+    return buffer_bytes > free_bytes // 2
+
+
+def stitch_device(images: torch.Tensor, num_classes: int, stitch: str = "auto") -> torch.device:
+    """Where the sliding window's output for `images` (on the model's device) is assembled."""
+    if images.device.type != "cuda":
+        return images.device
+    n, _, height, width = images.shape
+    # float32 output and weight map (MONAI), then the softmax and a flipped copy of the output
+    buffer_bytes = 4 * n * height * width * (3 * num_classes + 1)
+    free_bytes, _ = torch.cuda.mem_get_info(images.device)
+    return torch.device("cpu") if stitch_on_cpu(buffer_bytes, free_bytes, stitch) \
+        else images.device
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, config: dict, amp: str = "auto",
-                   windows_per_batch: int = 4) -> torch.Tensor:
-    """Logits (N, C, H, W) float32 for images (N, 1, H, W) in [0, 1] on the model's device."""
+                   windows_per_batch: int = 4, stitch: str = "auto") -> torch.Tensor:
+    """Logits (N, C, H, W) float32 for images (N, 1, H, W) in [0, 1] on the model's device;
+    a patch checkpoint's come back on stitch_device's device."""
     device = images.device
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -63,7 +94,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, config: dict, amp: st
     return sliding_window_inference(
         images, roi_size=tuple(config["patch_size"]), sw_batch_size=windows_per_batch,
         predictor=forward, overlap=config.get("sw_overlap", 0.25), mode="gaussian",
-        padding_mode="constant", cval=0.0)
+        padding_mode="constant", cval=0.0, sw_device=device,
+        device=stitch_device(images, len(config.get("class_names", CLASS_NAMES)), stitch))
 
 
 def tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
@@ -78,33 +110,33 @@ def tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
 
 def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
                           config: dict, amp: str = "auto", windows_per_batch: int = 4,
-                          tta: bool = False) -> np.ndarray:
+                          tta: bool = False, stitch: str = "auto") -> np.ndarray:
     """Softmax probabilities (N, C, H, W) float32 on the CPU for uint16 images as cached; with
     tta, their mean over the tta_flips views, each flipped back (whole image and sliding
     window alike)."""
     images = unit_range(images.to(device))
     flips = tta_flips(config, tta)
-    total = sum(predict_logits(model, images.flip(dims), config, amp, windows_per_batch)
+    total = sum(predict_logits(model, images.flip(dims), config, amp, windows_per_batch, stitch)
                 .softmax(1).flip(dims) for dims in flips)
     return (total / len(flips)).cpu().numpy()
 
 
 def predict_image(model: nn.Module, image: np.ndarray, device: torch.device, config: dict,
-                  amp: str = "auto", windows_per_batch: int = 4,
-                  tta: bool = False) -> tuple[np.ndarray, dict]:
+                  amp: str = "auto", windows_per_batch: int = 4, tta: bool = False,
+                  stitch: str = "auto") -> tuple[np.ndarray, dict]:
     """(C, h, w) probabilities of one original mammogram at the checkpoint's resolution, and
     the geometry (prepare_image's meta) that predict_at_original needs."""
     prepared, meta = prepare_image(image, resolution_of(config), config["canonical_flip"])
     batch = torch.from_numpy(prepared)[None, None]
     return predict_probabilities(model, batch, device, config, amp, windows_per_batch,
-                                 tta)[0], meta
+                                 tta, stitch)[0], meta
 
 
 @dataclass(frozen=True)
 class Member:
     """One checkpoint of an ensemble; a single checkpoint is an ensemble of one."""
 
-    model: nn.Module
+    model: nn.Module | OnnxModel
     config: dict
     path: Path | None = None  # None for a model made in memory (tests, the benchmark)
     sha256: str = ""
@@ -117,11 +149,11 @@ class Member:
 
 
 def ensemble_probabilities(members: list[Member], images: torch.Tensor, device: torch.device,
-                           amp: str = "auto", windows_per_batch: int = 4,
-                           tta: bool = False) -> np.ndarray:
+                           amp: str = "auto", windows_per_batch: int = 4, tta: bool = False,
+                           stitch: str = "auto") -> np.ndarray:
     """The mean of the members' predict_probabilities (N, C, H, W), before any argmax."""
     total = sum(predict_probabilities(m.model, images, device, m.config, amp, windows_per_batch,
-                                      tta) for m in members)
+                                      tta, stitch) for m in members)
     return total / len(members)
 
 
@@ -170,6 +202,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="test-time flips: average over the image and its vertical flip (2x the inference "
              "time; a horizontal flip only for checkpoints trained with --no-canonical-flip, "
              "4x: the default canonical side puts every chest wall on the left)")
+    parser.add_argument(
+        "--stitch", choices=STITCH_CHOICES, default="auto",
+        help="patch checkpoints on a GPU: where the sliding window assembles the whole-image "
+             "output; auto: on the CPU when it would take more than half the free GPU memory "
+             "(large images on small GPUs), else on the GPU")
 
 
 def resolve_checkpoints(names: list[str] | None, checkpoint_dir: Path) -> list[Path]:
@@ -210,15 +247,20 @@ def load_ensemble(paths: list[Path], device: torch.device) -> list[Member]:
         checkpoint = load_checkpoint(path)
         model, config = _trained_model(checkpoint, path, device)
         members.append(Member(model, config, path, file_sha256(path), checkpoint.get("fold")))
-        first, this = input_mode(members[0].config), input_mode(config)
-        for key, value in first.items():
-            if this[key] != value:
-                raise CheckpointError(
-                    f"{path} cannot join an ensemble with {members[0].path}: {key} "
-                    f"{this[key]!r} vs {value!r}; combine checkpoints trained with the same "
-                    "classes and input mode (--size, or --patch-size and --scale, and "
-                    "--no-canonical-flip)")
+        check_joins(members)
     return members
+
+
+def check_joins(members: list[Member]) -> None:
+    """The last member shares the first one's classes and input mode (CheckpointError)."""
+    first, this = input_mode(members[0].config), input_mode(members[-1].config)
+    for key, value in first.items():
+        if this[key] != value:
+            raise CheckpointError(
+                f"{members[-1].path} cannot join an ensemble with {members[0].path}: {key} "
+                f"{this[key]!r} vs {value!r}; combine checkpoints trained with the same "
+                "classes and input mode (--size, or --patch-size and --scale, and "
+                "--no-canonical-flip)")
 
 
 def resolve_checkpoint(name: str, checkpoint_dir: Path) -> Path:
@@ -237,12 +279,16 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dic
     return _trained_model(load_checkpoint(path), path, device)
 
 
-def _trained_model(checkpoint: dict, path: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    config = checkpoint["config"]
+def check_preprocess_version(config: dict, path: Path) -> None:
     if config.get("preprocess_version") != PREPROCESS_VERSION:
         raise CheckpointError(
             f"{path} was trained on preprocessing version {config.get('preprocess_version')}, "
             f"this code makes version {PREPROCESS_VERSION}: use the matching release")
+
+
+def _trained_model(checkpoint: dict, path: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    config = checkpoint["config"]
+    check_preprocess_version(config, path)
     model = build_model(config["backbone"], config["num_classes"], config["in_channels"],
                         config["output_stride"], decoder_channels=config["decoder_channels"])
     try:
@@ -251,3 +297,46 @@ def _trained_model(checkpoint: dict, path: Path, device: torch.device) -> tuple[
         raise CheckpointError(f"{path} does not fit a {config['backbone']} DeepLabV3+ with "
                               f"{config['num_classes']} classes: {error}") from error
     return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+class OnnxModel:
+    """An exported network (export.py) run by onnxruntime on the CPU, called as the torch model
+    is: standardised images (N, 1, H, W) in, logits out, as CPU tensors."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float32).numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def load_onnx_model(path: Path, threads: int = 0) -> Member:
+    """An export.py file as a Member (its config from the file's metadata); UsageError when
+    onnxruntime is missing, CheckpointError for a file that is not one of ours."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise UsageError("--onnx needs onnxruntime: pip install onnxruntime (pinned in "
+                         "requirements-dev.txt)") from error
+    if not path.is_file():
+        raise CheckpointError(f"no ONNX file at {path}: pass a file export.py wrote")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: onnxruntime's choice, one per core
+    try:
+        session = onnxruntime.InferenceSession(str(path), options,
+                                               providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types per failure
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"cannot load ONNX file {path}: {reason}") from error
+    metadata = session.get_modelmeta().custom_metadata_map
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(f"{path} has no {CONFIG_KEY} metadata: export it with export.py")
+    config = json.loads(metadata[CONFIG_KEY])
+    check_preprocess_version(config, path)
+    return Member(OnnxModel(session), config, path, file_sha256(path),
+                  json.loads(metadata.get("fold", "null")))

@@ -3,6 +3,7 @@ folder of fold runs): DICOM, PNG or JPEG files, or folders of them.
 
     python predict.py --checkpoint checkpoint/best.pth scans/ extra.png --out predictions
     python predict.py --checkpoint folds --tta scans/      # the fold runs' mean, with flips
+    python predict.py --onnx model.onnx scans/             # export.py's file, onnxruntime
 
 Per image, into --out:
   <name>_mask.png     uint8 class ids (0 background, 1 benign, 2 mass, 3 calc) at the original size
@@ -61,6 +62,7 @@ from inference import (
     add_model_flags,
     ensemble_probabilities,
     load_ensemble,
+    load_onnx_model,
     predict_at_original,
     probabilities_npz,
     resolution_of,
@@ -97,6 +99,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("inputs", nargs="+", type=Path, metavar="INPUT",
         help="a DICOM, PNG or JPEG file, or a folder of them (searched recursively)")
     add_model_flags(parser)
+    add("--onnx", type=Path, default=None, metavar="FILE",
+        help="run an export.py ONNX file with onnxruntime (CPU) instead of a checkpoint: the "
+             "same preprocessing, sliding window and outputs; not with --checkpoint, and "
+             "--device and --amp do not apply")
     add("--checkpoint-dir", type=Path, default=Path("checkpoint"),
         help="folder searched for --checkpoint names")
     add("--out", type=Path, default=Path("predictions"),
@@ -291,7 +297,7 @@ def predict_files(files: list[Path], names: list[str], members: list[Member], ou
                   device: torch.device, *, batch_size: int = 4, amp: str = "auto",
                   min_area: int = MIN_LESION_AREA, progress: bool = True,
                   algorithm: SegAlgorithm | None = None, tta: bool = False,
-                  save_probabilities: bool = False) -> Summary:
+                  save_probabilities: bool = False, stitch: str = "auto") -> Summary:
     """Predict every file in batches with the members' mean (one member: one checkpoint) and
     write its outputs as <name>_* into out (a DICOM SEG per DICOM when `algorithm` identifies
     the model); files that cannot be read, ROI masks and crops are reported on stderr (one
@@ -320,7 +326,8 @@ def predict_files(files: list[Path], names: list[str], members: list[Member], ou
         if not batch:
             continue
         images = torch.from_numpy(np.stack([item.image for item in batch])).unsqueeze(1)
-        probs_batch = ensemble_probabilities(members, images, device, amp, batch_size, tta)
+        probs_batch = ensemble_probabilities(members, images, device, amp, batch_size, tta,
+                                             stitch)
         for item, probs in zip(batch, probs_batch, strict=True):
             summary.records.append(_write_outputs(item, probs, out, min_area, algorithm,
                                                   save_probabilities))
@@ -333,9 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         files = collect_inputs(args.inputs, exclude=args.out)
-        checkpoints = resolve_checkpoints(args.checkpoint, args.checkpoint_dir)
-        device = resolve_device(args.device)
-        members = load_ensemble(checkpoints, device)
+        if args.onnx is not None:
+            if args.checkpoint:
+                raise UsageError("pass --onnx or --checkpoint, not both")
+            device, members = torch.device("cpu"), [load_onnx_model(args.onnx)]
+        else:
+            device = resolve_device(args.device)
+            members = load_ensemble(resolve_checkpoints(args.checkpoint, args.checkpoint_dir),
+                                    device)
     except (CheckpointError, DatasetError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -348,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                                 device, batch_size=args.batch_size, amp=args.amp,
                                 min_area=args.min_area, progress=args.progress,
                                 algorithm=segmentation_algorithm(members, args.tta),
-                                tta=args.tta, save_probabilities=args.save_probabilities)
+                                tta=args.tta, save_probabilities=args.save_probabilities,
+                                stitch=args.stitch)
     except DiskFullError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,7 @@ from imaging import DatasetError
 from inference import resolution_of
 from model import SUPPORTED_BACKBONES, build_model, pretrained_file
 from preprocessing import PREPROCESS_VERSION
+from tensorboard_log import TENSORBOARD_DIR, check_tensorboard
 from utils import (
     HelpFormatter,
     UsageError,
@@ -47,6 +49,7 @@ MACHINE_FLAGS = ("resume", "device", "workers", "checkpoint_dir", "progress", "o
                  "allow_changed_data", "log_every")
 # What a run writes into its --checkpoint-dir; --overwrite deletes these of the run it replaces.
 RUN_FILES = ("last.pth", "best.pth", "log.csv", "train.log", "training_curves.png")
+RUN_FOLDERS = (TENSORBOARD_DIR,)  # --tensorboard's
 MIN_SIZE = 32  # px per side: the encoder downsamples 16-32x
 
 
@@ -114,8 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
              "the flags it was saved with are reused unless given again")
     add("--overwrite", action="store_true",
         help="start a new run in a --checkpoint-dir that holds another one, deleting its "
-             "last.pth, best.pth, log.csv, train.log and training_curves.png (without it such "
-             "a folder is refused)")
+             "last.pth, best.pth, log.csv, train.log, training_curves.png and tensorboard/ "
+             "(without it such a folder is refused)")
     add("--fold", type=int, default=None, metavar="K",
         help="cross-validation: validate on fold K of csv-dir/folds.csv (main_retrieval.py "
              "--folds) and train on the other folds, instead of on train.csv / val.csv; the "
@@ -129,6 +132,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="skip (and count) mammograms whose DICOMs cannot be read instead of stopping")
     add("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add("--tensorboard", action="store_true",
+        help="also write TensorBoard events to checkpoint-dir/tensorboard: losses, lr, "
+             "per-class validation Dice, images/s and 3 validation overlays per epoch (needs "
+             "the tensorboard package; `tensorboard --logdir CHECKPOINT_DIR` shows them)")
     add("--log-every", type=positive_int, default=50,
         help="print data time, step time, images/s, ETA and peak memory every this many steps "
              "(also into checkpoint-dir/train.log)")
@@ -274,6 +281,8 @@ def check_flag_values(args: argparse.Namespace, checkpoint: dict | None) -> None
                 f"--foreground-fraction must be in [0, 1], got {args.foreground_fraction}")
         require(0 <= args.sw_overlap < 1,
                 f"--sw-overlap must be in [0, 1), got {args.sw_overlap}")
+    if args.tensorboard:
+        check_tensorboard()
     if args.pretrained is not None and checkpoint is None:  # a resumed run has its weights
         check_pretrained(args.pretrained, args.backbone)
 
@@ -419,6 +428,8 @@ def prepare_run_folder(args: argparse.Namespace) -> None:
     if args.overwrite and not continues_in_place(args):
         for name in RUN_FILES:
             (args.checkpoint_dir / name).unlink(missing_ok=True)
+        for name in RUN_FOLDERS:
+            shutil.rmtree(args.checkpoint_dir / name, ignore_errors=True)
 
 
 def drop_log_rows_after(log_path: Path, epochs_done: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +29,7 @@ from augmentation import augment_batch, normalize_input, unit_range
 from cbis import CLASS_NAMES, LESIONS, NUM_CLASSES
 from dataset import EpochSampler, MammogramDataset, PatchDataset, ResumableSampler
 from imaging import DatasetError
-from inference import predict_logits
+from inference import predict_logits, predict_probabilities
 from model import build_model
 from preemption import (
     EXIT_PREEMPTED,
@@ -37,7 +39,7 @@ from preemption import (
     restore_rng_state,
     rng_state,
 )
-from report import plot_training_curves
+from report import overlay_panel, plot_training_curves
 from runs import (
     drop_log_rows_after,
     model_config,
@@ -48,6 +50,7 @@ from runs import (
     split_datasets,
     validate_args,
 )
+from tensorboard_log import OVERLAYS, EpochBoard, small_panel
 from utils import (
     CheckpointError,
     DiskFullError,
@@ -256,6 +259,34 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, args,
             "dice": dice, "mean_fg_dice": float(np.nanmean(dice[LESIONS]))}
 
 
+@torch.no_grad()
+def validation_overlays(model: nn.Module, val_set: MammogramDataset, device: torch.device,
+                        args, count: int = OVERLAYS) -> list[np.ndarray]:
+    """image | truth | prediction of the first `count` validation mammograms (TensorBoard)."""
+    model.eval()
+    panels = []
+    for index in range(min(count, len(val_set))):
+        image, mask, _ = val_set[index]
+        probs = predict_probabilities(model, image[None], device, model_config(args), args.amp,
+                                      args.batch_size)
+        panel = overlay_panel(image[0].numpy() / 65535, mask.numpy(),
+                              probs[0].argmax(0).astype(np.uint8))
+        panels.append(small_panel(panel))
+    return panels
+
+
+@contextmanager
+def epoch_board(args, epochs_done: int, dist_info: DistInfo) -> Iterator[EpochBoard | None]:
+    """--tensorboard's writer on rank 0, else None."""
+    board = EpochBoard(args.checkpoint_dir, epochs_done) \
+        if args.tensorboard and dist_info.is_main else None
+    try:
+        yield board
+    finally:
+        if board is not None:
+            board.close()
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -394,7 +425,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
                 "config": config, "args": plain_args(args), "data": data, "fold": args.fold}
 
     row, last_path = {}, args.checkpoint_dir / "last.pth"
-    with PreemptionWatch() as watch:
+    with PreemptionWatch() as watch, epoch_board(args, start_epoch, dist_info) as board:
         for epoch in range(start_epoch, args.epochs):
             start = time.perf_counter()
             # Everything random in an epoch derives from (seed, epoch): resuming replays it.
@@ -436,6 +467,8 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
             if dist_info.is_main:
                 append_csv_row(log_path, row)
                 plot_training_curves(log_path, args.checkpoint_dir / "training_curves.png")
+                if board is not None:
+                    board.log_epoch(row, validation_overlays(model, val_set, device, args))
                 state = {**run_state(epoch + 1), "val_dice": [float(d) for d in val["dice"]]}
                 save_checkpoint(state, last_path)
                 if improved:

@@ -34,7 +34,10 @@ def test_benchmark_writes_the_three_ratios(tmp_path, capsys):
     tta = results["tta"]
     assert tta["views"] == 2 and tta["ratio"] == tta["tta_seconds_per_batch"] / tta[
         "seconds_per_batch"] > 0
-    assert "model step" in capsys.readouterr().out
+    onnx = results["onnx"]
+    assert onnx["original"] == [240, 150] and onnx["ratio"] == onnx["onnxruntime_seconds"] / onnx[
+        "torch_seconds"] > 0
+    assert "onnxruntime / torch" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # temporary data removed
 
 

@@ -159,6 +159,40 @@ def test_predict_uses_the_sliding_window_on_a_large_dicom(patch_run, tmp_path, m
     assert mask.shape == (height, width)
 
 
+def test_stitching_moves_to_the_cpu_when_the_output_would_crowd_the_device():
+    gib = 1 << 30
+    assert inference.stitch_on_cpu(3 * gib, 4 * gib)  # auto: over half the free memory
+    assert not inference.stitch_on_cpu(gib, 4 * gib)
+    assert inference.stitch_on_cpu(1, 4 * gib, "cpu")
+    assert not inference.stitch_on_cpu(3 * gib, 4 * gib, "device")
+    with pytest.raises(ValueError):
+        inference.stitch_on_cpu(1, 1, "gpu")
+
+
+def test_predict_stitch_flag_reaches_the_sliding_window(patch_run, tmp_path, monkeypatch):
+    asked, windows = [], []
+    real_device, real_window = inference.stitch_device, inference.sliding_window_inference
+
+    def stitch_device(images, num_classes, stitch="auto"):
+        asked.append(stitch)
+        return real_device(images, num_classes, stitch)
+
+    def sliding_window_inference(*args, **kwargs):
+        windows.append(kwargs)
+        return real_window(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "stitch_device", stitch_device)
+    monkeypatch.setattr(inference, "sliding_window_inference", sliding_window_inference)
+    image = np.full((300, 180), 300, np.uint16)
+    image[40:260, :120] = 30000
+    write_dicom(tmp_path / "scan.dcm", image, patient_id="x", series_description="full")
+    argv = ["--checkpoint", str(patch_run / "best.pth"), str(tmp_path / "scan.dcm"), "--out",
+            str(tmp_path / "out"), "--no-progress", "--stitch", "cpu"]
+    assert predict.main(argv) == 0
+    assert asked == ["cpu"]
+    assert [(w["sw_device"].type, w["device"].type) for w in windows] == [("cpu", "cpu")]
+
+
 WORKER_SCRIPT = """
 import os, sys, time
 from concurrent.futures import ProcessPoolExecutor
