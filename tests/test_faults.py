@@ -428,6 +428,27 @@ def test_predict_writes_an_images_outputs_as_a_set(run, tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["scan.json", "scan_mask.png", "scan_overlay.png"]
 
 
+def test_evaluation_and_predict_end_a_full_disk_with_one_line(run, tmp_path, monkeypatch,
+                                                              capsys):
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    image = tmp_path / "in" / "scan.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), mammogram(1000, 600, chest_wall_right=False))  # no size warning
+    argv = ["--checkpoint", str(run.folder / "best.pth"), "--csv", str(run.csv / "val.csv"),
+            "--cache-dir", str(run.cache), "--workers", "0", "--bootstrap", "10",
+            "--overlays", "0", "--no-progress", "--out", str(tmp_path / "results")]
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)  # per_image.csv
+    assert evaluation.main(argv) == 1
+    assert "no space left on device" in one_line_error(capsys)
+    assert not (tmp_path / "results" / "metrics.json").exists()
+    monkeypatch.setattr(Path, "write_bytes", full)  # the first output of the image
+    assert predict.main(["--checkpoint", str(run.folder / "best.pth"), "--out",
+                         str(tmp_path / "out"), "--no-progress", str(image)]) == 1
+    assert "no space left on device" in one_line_error(capsys)
+
+
 # ----------------------------------------------------------------------------- files
 
 
