@@ -395,10 +395,12 @@ def whole_image_model(settings: dict, device: torch.device) -> tuple[nn.Module, 
 
 def time_onnx(image_path: Path, work: Path, settings: dict) -> dict | None:
     """Seconds to predict one mammogram (already decoded) with torch and with onnxruntime on
-    the CPU, the same random-weight checkpoint exported by export.py; None without
-    onnxruntime."""
-    try:
-        import onnxruntime  # noqa: F401 - optional (requirements-dev.txt)
+    the CPU, the same random-weight checkpoint exported by export.py; None without the
+    ONNX packages."""
+    try:  # optional (requirements-dev.txt)
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError:
         return None
     net, config = whole_image_model(settings, torch.device("cpu"))
@@ -498,7 +500,7 @@ def format_table(results: dict) -> str:
          f"{tta['seconds_per_batch']:.3f}", f"{tta['ratio']:.2f}x", "", ""),
         ("one mammogram on the CPU, s: onnxruntime / torch",
          *((f"{onnx['onnxruntime_seconds']:.3f}", f"{onnx['torch_seconds']:.3f}",
-            f"{onnx['ratio']:.2f}x") if onnx else ("n/a: no onnxruntime", "", "")), "", ""),
+            f"{onnx['ratio']:.2f}x") if onnx else ("n/a: no onnx packages", "", "")), "", ""),
     ]
     header = ("measurement", "ours", "seed / ceiling", "ratio", "target", "met")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]

@@ -27,7 +27,14 @@ import torch
 
 from augmentation import INPUT_MEAN, INPUT_STD
 from inference import CONFIG_KEY, load_trained_model
-from utils import CheckpointError, HelpFormatter, atomic_write, file_sha256, load_checkpoint
+from utils import (
+    CheckpointError,
+    HelpFormatter,
+    UsageError,
+    atomic_write,
+    file_sha256,
+    load_checkpoint,
+)
 
 OPSET = 18
 
@@ -65,9 +72,10 @@ def export_onnx(checkpoint_path: Path, out: Path, example_size: tuple[int, int] 
     """Write checkpoint_path's network to `out` (atomically); returns the metadata written."""
     try:
         import onnx
+        import onnxscript  # noqa: F401 - torch.onnx's exporter writes the graph with it
     except ImportError as error:
-        raise CheckpointError("export needs the onnx and onnxscript packages: pip install -r "
-                              "requirements-dev.txt") from error
+        raise UsageError(f"export needs the onnx and onnxscript packages ({error.name} is "
+                         "missing): pip install -r requirements-dev.txt") from error
     checkpoint = load_checkpoint(checkpoint_path)
     model, config = load_trained_model(checkpoint_path, torch.device("cpu"))
     height, width = example_size or config["patch_size"] or config["size"]
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metadata = export_onnx(args.checkpoint, args.out,
                                tuple(args.example_size) if args.example_size else None)
-    except CheckpointError as error:
+    except (CheckpointError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     config = json.loads(metadata[CONFIG_KEY])

@@ -66,16 +66,18 @@ def stitch_on_cpu(buffer_bytes: int, free_bytes: int, stitch: str = "auto") -> b
     return buffer_bytes > free_bytes // 2
 
 
-def stitch_device(images: torch.Tensor, num_classes: int, stitch: str = "auto") -> torch.device:
-    """Where the sliding window's output for `images` (on the model's device) is assembled."""
-    if images.device.type != "cuda":
-        return images.device
-    n, _, height, width = images.shape
+def stitch_device(shape: torch.Size, device: torch.device, num_classes: int,
+                  stitch: str = "auto") -> torch.device:
+    """Where the sliding window's output for images of `shape` on `device` is assembled."""
+    if device.type != "cuda":
+        return device
+    n, _, height, width = shape
     # float32 output and weight map (MONAI), then the softmax and a flipped copy of the output
     buffer_bytes = 4 * n * height * width * (3 * num_classes + 1)
-    free_bytes, _ = torch.cuda.mem_get_info(images.device)
-    return torch.device("cpu") if stitch_on_cpu(buffer_bytes, free_bytes, stitch) \
-        else images.device
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    # What torch's allocator holds but does not use is free to this process too.
+    free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.device("cpu") if stitch_on_cpu(buffer_bytes, free_bytes, stitch) else device
 
 
 @torch.no_grad()
@@ -95,7 +97,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, config: dict, amp: st
         images, roi_size=tuple(config["patch_size"]), sw_batch_size=windows_per_batch,
         predictor=forward, overlap=config.get("sw_overlap", 0.25), mode="gaussian",
         padding_mode="constant", cval=0.0, sw_device=device,
-        device=stitch_device(images, len(config.get("class_names", CLASS_NAMES)), stitch))
+        device=stitch_device(images.shape, device, len(config.get("class_names", CLASS_NAMES)),
+                             stitch))
 
 
 def tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
@@ -247,20 +250,15 @@ def load_ensemble(paths: list[Path], device: torch.device) -> list[Member]:
         checkpoint = load_checkpoint(path)
         model, config = _trained_model(checkpoint, path, device)
         members.append(Member(model, config, path, file_sha256(path), checkpoint.get("fold")))
-        check_joins(members)
+        first, this = input_mode(members[0].config), input_mode(config)
+        for key, value in first.items():
+            if this[key] != value:
+                raise CheckpointError(
+                    f"{path} cannot join an ensemble with {members[0].path}: {key} "
+                    f"{this[key]!r} vs {value!r}; combine checkpoints trained with the same "
+                    "classes and input mode (--size, or --patch-size and --scale, and "
+                    "--no-canonical-flip)")
     return members
-
-
-def check_joins(members: list[Member]) -> None:
-    """The last member shares the first one's classes and input mode (CheckpointError)."""
-    first, this = input_mode(members[0].config), input_mode(members[-1].config)
-    for key, value in first.items():
-        if this[key] != value:
-            raise CheckpointError(
-                f"{members[-1].path} cannot join an ensemble with {members[0].path}: {key} "
-                f"{this[key]!r} vs {value!r}; combine checkpoints trained with the same "
-                "classes and input mode (--size, or --patch-size and --scale, and "
-                "--no-canonical-flip)")
 
 
 def resolve_checkpoint(name: str, checkpoint_dir: Path) -> Path:

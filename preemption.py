@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later", what a requeue script tests
+DDP_CHECK_EVERY = 10  # steps between the ranks' comparisons of their flags (each waits for the GPU)
 
 
 class PreemptedError(Exception):
@@ -48,10 +49,13 @@ class PreemptionWatch:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def requested(self, device: torch.device) -> bool:
-        """Whether any rank got a signal (under DDP every rank must ask, at the same step)."""
+    def requested(self, device: torch.device, step: int | None = None) -> bool:
+        """Whether any rank got a signal. Under DDP every rank must ask at the same points; at a
+        training step (`step` given) they compare flags every DDP_CHECK_EVERY steps only."""
         stop = self.signal_name is not None
         if dist.is_available() and dist.is_initialized():
+            if step is not None and step % DDP_CHECK_EVERY:
+                return False
             flag = torch.tensor([float(stop)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
@@ -80,5 +84,5 @@ def gather_rng_states(state: dict) -> list[dict]:
     if not (dist.is_available() and dist.is_initialized()):
         return [state]
     states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
+    dist.all_gather_object(states, state)
     return states

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from utils import (
 # the command line. (--cache-dir and --data-root come from the run unless given: finding the
 # run's cache again is the point of resuming.)
 MACHINE_FLAGS = ("resume", "device", "workers", "checkpoint_dir", "progress", "overwrite",
-                 "allow_changed_data", "log_every")
+                 "allow_changed_data", "log_every", "tensorboard")
 # What a run writes into its --checkpoint-dir; --overwrite deletes these of the run it replaces.
 RUN_FILES = ("last.pth", "best.pth", "log.csv", "train.log", "training_curves.png")
 RUN_FOLDERS = (TENSORBOARD_DIR,)  # --tensorboard's
@@ -135,7 +136,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--tensorboard", action="store_true",
         help="also write TensorBoard events to checkpoint-dir/tensorboard: losses, lr, "
              "per-class validation Dice, images/s and 3 validation overlays per epoch (needs "
-             "the tensorboard package; `tensorboard --logdir CHECKPOINT_DIR` shows them)")
+             "the tensorboard package; `tensorboard --logdir CHECKPOINT_DIR` shows them); "
+             "give it again with --resume to go on logging")
     add("--log-every", type=positive_int, default=50,
         help="print data time, step time, images/s, ETA and peak memory every this many steps "
              "(also into checkpoint-dir/train.log)")
@@ -247,6 +249,15 @@ def check_flag_values(args: argparse.Namespace, checkpoint: dict | None) -> None
         require(args.epochs > done, f"the run in {args.checkpoint_dir} has trained {done} of "
                                     f"--epochs {args.epochs} already: pass --epochs above {done} "
                                     "to train it further")
+    partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
+    if partial is not None:  # stopped mid-epoch: the rest of it must be the same steps
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        require(len(partial["rng"]) == world_size,
+                f"the run in {args.checkpoint_dir} stopped mid-epoch with {len(partial['rng'])} "
+                f"process(es), this is {world_size}: resume it with as many")
+        require(args.batch_size == partial["batch_size"],
+                f"the run in {args.checkpoint_dir} stopped mid-epoch at --batch-size "
+                f"{partial['batch_size']}: resume it with that (or leave --batch-size out)")
     require(args.batch_size >= 2,
             f"--batch-size must be at least 2 (batch norm in ASPP), got {args.batch_size}")
     require(math.isfinite(args.lr) and args.lr > 0,

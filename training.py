@@ -182,8 +182,8 @@ def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
 @dataclass
 class EpochResult:
     loss: float  # mean training loss over all ranks (of the steps so far, when stopped)
-    steps: int  # steps this call took
-    stopped_at: dict | None = None  # preempted before the epoch's end: last.pth's partial_epoch
+    steps_taken: int  # by this call (a resumed epoch's first steps were taken before)
+    stopped_at: dict | None = None  # preempted: last.pth's partial_epoch
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -204,10 +204,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             loss_sum += torch.tensor(resumed["loss_sum"], device=device)
     bar = tqdm(loader, desc="train", leave=False, disable=not (args.progress and dist_info.is_main))
     steps = len(loader)
+    rng_to_restore = resumed["rng"][dist_info.rank] if resumed is not None else None
     for step, (images, masks, _) in enumerate(bar, start=1):
-        if resumed is not None:  # after the fetch: the streams as the stopped run left them
-            restore_rng_state(resumed["rng"][dist_info.rank], generator, device)
-            resumed = None
+        if rng_to_restore is not None:  # after the fetch: the streams as the stopped run left
+            restore_rng_state(rng_to_restore, generator, device)
+            rng_to_restore = None
         images, masks = to_device(images, masks, device, channels_last)
         if args.augment:
             images, masks = augment_batch(images, masks, generator)
@@ -224,11 +225,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss_sum[1] += len(images)
         if not bar.disable and step % 10 == 1:  # .item() waits for the device: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step < steps and watch is not None and watch.requested(device):
+        if watch is not None and watch.requested(device, step):
             bar.close()
             total = all_reduce_sum(loss_sum)
             return EpochResult((total[0] / total[1]).item(), step, {
-                "step": steps_before + step, "loss_sum": total.tolist(),
+                "step": steps_before + step, "steps_per_epoch": steps_before + steps,
+                "batch_size": args.batch_size, "loss_sum": total.tolist(),
                 "rng": gather_rng_states(rng_state(generator, device))})
     loss_sum = all_reduce_sum(loss_sum)
     return EpochResult((loss_sum[0] / loss_sum[1]).item(), steps)
@@ -391,10 +393,10 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
         start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         ema = checkpoint.get("ema_metric")
         partial_epoch = checkpoint.get("partial_epoch")  # preempted mid-epoch
-        if partial_epoch is not None and len(partial_epoch["rng"]) != dist_info.world_size:
-            raise UsageError(f"{args.resume} stopped mid-epoch with {len(partial_epoch['rng'])} "
-                             f"processes: resume it with as many (this is "
-                             f"{dist_info.world_size})")
+        if partial_epoch is not None and partial_epoch["steps_per_epoch"] != steps_per_epoch:
+            raise UsageError(f"the run stopped mid-epoch at {partial_epoch['steps_per_epoch']} "
+                             f"steps an epoch, now {steps_per_epoch} (the training set changed):"
+                             " resume it on its data, or start a new --checkpoint-dir")
     trained = model
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -444,7 +446,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
                                     last_path)
                 barrier()
                 raise PreemptedError(f"{watch.signal_name} in epoch {epoch + 1}, after step "
-                                f"{result.stopped_at['step']}: {last_path} holds it")
+                                     f"{result.stopped_at['step']}: {last_path} holds it")
             train_seconds = time.perf_counter() - start
             # The plain model: ranks may see different numbers of val batches, and DDP's
             # forward would wait for the others.
@@ -459,7 +461,7 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
                    "mean_fg_dice": round(val["mean_fg_dice"], 4),
                    "ema_fg_dice": round(math.nan if ema is None else ema, 4),
                    "seconds": round(seconds, 1),
-                   "train_images_per_s": round(result.steps * args.batch_size
+                   "train_images_per_s": round(result.steps_taken * args.batch_size
                                                * dist_info.world_size / train_seconds, 2)}
             improved = ema is not None and ema > best
             if improved:
@@ -482,8 +484,8 @@ def _train(args, checkpoint: dict | None, device: torch.device, dist_info: DistI
             barrier()
             # A signal during validation or the checkpoint write: stop at this epoch's end.
             if epoch + 1 < args.epochs and watch.requested(device):
-                raise PreemptedError(f"{watch.signal_name} in epoch {epoch + 1}: {last_path} holds "
-                                "it")
+                raise PreemptedError(f"{watch.signal_name} in epoch {epoch + 1}: {last_path} "
+                                     "holds it")
     return row
 
 

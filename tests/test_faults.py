@@ -540,13 +540,13 @@ def test_sigkill_in_an_epoch_and_in_a_checkpoint_write_then_resume_gives_the_sam
     assert not list(folder.glob(".*.tmp"))
 
 
-SIGNAL_AFTER_STEP_1 = """
+SIGNAL_IN_STEP = """
 import os, signal, sys
 import training
 real, calls = training.augment_batch, []
 def augment(*args, **kwargs):
     calls.append(1)
-    if len(calls) == 1:  # the scheduler's warning lands during step 1 of epoch 2
+    if len(calls) == int(os.environ["PREEMPT_STEP"]):  # the warning lands during this step
         os.kill(os.getpid(), getattr(signal, os.environ["PREEMPT_SIGNAL"]))
     return real(*args, **kwargs)
 training.augment_batch = augment
@@ -554,20 +554,26 @@ sys.exit(training.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize(("signal_name", "step"), [("SIGTERM", 1), ("SIGUSR1", 2)])
 def test_a_preemption_signal_stops_after_the_step_and_resume_gives_the_same_run(run,
-                                                                               signal_name):
+                                                                               signal_name,
+                                                                               step):
+    # Epoch 2 of 2 steps: stopped mid-epoch, or at its last step (the resume only validates).
     folder = clone_run(run.after_epoch_1, run.base / f"preempted-{signal_name}")
     last = folder / "last.pth"
     resume = ["--resume", str(last), "--workers", "0", "--no-progress"]
-    stopped = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_STEP_1, *resume], cwd=REPO,
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_IN_STEP, *resume], cwd=REPO,
                              capture_output=True, text=True,
-                             env={**os.environ, "PREEMPT_SIGNAL": signal_name})
+                             env={**os.environ, "PREEMPT_SIGNAL": signal_name,
+                                  "PREEMPT_STEP": str(step)})
     assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
-    assert f"preempted: {signal_name} in epoch 2, after step 1" in stopped.stderr
+    assert f"preempted: {signal_name} in epoch 2, after step {step}" in stopped.stderr
     checkpoint = load_checkpoint(last)
-    assert checkpoint["epoch"] == 0 and checkpoint["partial_epoch"]["step"] == 1
+    assert checkpoint["epoch"] == 0 and checkpoint["partial_epoch"]["step"] == step
     assert pd.read_csv(folder / "log.csv")["epoch"].tolist() == [1]
+    # The rest of the epoch must be the same steps: another batch size is refused up front.
+    with pytest.raises(UsageError, match="stopped mid-epoch at --batch-size 4"):
+        runs.validate_args(*resumed([*resume, "--batch-size", "2"]))
 
     assert training.main(resume) == 0  # step 2 of epoch 2, validation, the epoch's checkpoint
     straight, again = load_checkpoint(run.folder / "last.pth"), load_checkpoint(last)

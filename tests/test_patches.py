@@ -75,6 +75,15 @@ def test_patches_are_drawn_anew_each_epoch_and_replayed_exactly(scale_cache):
     assert {epoch for _, epoch in sampler} == {5}
 
 
+def test_a_resumed_epoch_skips_the_items_already_trained_on(scale_cache):
+    sampler = EpochSampler(scale_cache, num_replicas=1, rank=0, shuffle=True, seed=5)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.skip = 4  # a run preempted after 2 steps of 2
+    assert len(sampler) == len(full) - 4 and list(sampler) == full[4:]
+    assert list(sampler) == full  # once: the next epoch is whole again
+
+
 def test_read_window_pads_outside_the_array():
     array = np.arange(12, dtype=np.uint16).reshape(3, 4) + 1
     window = read_window(array, -1, 2, (3, 3))
@@ -169,13 +178,27 @@ def test_stitching_moves_to_the_cpu_when_the_output_would_crowd_the_device():
         inference.stitch_on_cpu(1, 1, "gpu")
 
 
+def test_stitch_device_counts_the_buffer_against_free_and_cached_gpu_memory(monkeypatch):
+    gib, cuda = 1 << 30, torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: gib)  # 2 GiB cached
+    # 4 bytes x 13 per pixel: 4800x2400 is 0.56 GiB, under half of the 4 GiB free.
+    assert inference.stitch_device((1, 1, 4800, 2400), cuda, 4) == cuda
+    assert inference.stitch_device((1, 1, 9600, 4800), cuda, 4) == torch.device("cpu")
+    assert inference.stitch_device((1, 1, 4800, 2400), cuda, 4, "cpu") == torch.device("cpu")
+    assert inference.stitch_device((1, 1, 9600, 4800), cuda, 4, "device") == cuda
+    assert inference.stitch_device((1, 1, 9600, 4800), torch.device("cpu"), 4) == torch.device(
+        "cpu")
+
+
 def test_predict_stitch_flag_reaches_the_sliding_window(patch_run, tmp_path, monkeypatch):
     asked, windows = [], []
     real_device, real_window = inference.stitch_device, inference.sliding_window_inference
 
-    def stitch_device(images, num_classes, stitch="auto"):
+    def stitch_device(shape, device, num_classes, stitch="auto"):
         asked.append(stitch)
-        return real_device(images, num_classes, stitch)
+        return real_device(shape, device, num_classes, stitch)
 
     def sliding_window_inference(*args, **kwargs):
         windows.append(kwargs)

@@ -157,7 +157,7 @@ def test_best_checkpoint_is_the_best_smoothed_validation_dice(csv_dir, trained_r
             optimizer.step()
             scheduler.step()
         clock[0] += 2.0
-        return training.EpochResult(loss=1.0, steps=len(loader))
+        return training.EpochResult(loss=1.0, steps_taken=len(loader))
 
     def fake_validate(*args):
         clock[0] += 1000.0
